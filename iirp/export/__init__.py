@@ -1,0 +1,1 @@
+"""ONNX export, TensorRT build, manifest and verification (not implemented yet)."""

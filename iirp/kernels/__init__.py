@@ -1,0 +1,1 @@
+"""Warp / compose / upsample / score kernels: CPU (numba) and CUDA (not implemented yet)."""

@@ -1,0 +1,191 @@
+"""Loading RP-Net checkpoints (SPEC section 2), strictly and safely.
+
+Accepted: the released format ``{"config": {...}, "model_state": state_dict}``
+and a bare state dict (``*.grid`` buffers ignored, a DataParallel ``module.``
+prefix removed). Always ``torch.load(weights_only=True)``: a checkpoint is
+untrusted input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from iirp.errors import CheckpointError
+from iirp.model.rpnet import RPNet
+from iirp.typing import PathLike
+
+__all__ = ["CheckpointInfo", "load_checkpoint", "load_state_dict", "sha256_file", "DEFAULT_MODEL_SIZE"]
+
+#: Model grid of the released Mindboggle checkpoint, used when a bare state dict has no config.
+DEFAULT_MODEL_SIZE = (160, 192, 160)
+_RESBLOCK_KEY = re.compile(r"^decoder1\.Conv(\d+)\.main\.weight$")
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What a checkpoint says about the model.
+
+    Attributes:
+        path: the file it came from.
+        sha256: hex digest of the file.
+        format: ``"released"`` or ``"state_dict"``.
+        size: model grid ``(X, Y, Z)`` in voxels (NIfTI i, j, k order).
+        n_resblocks: ResBlocks per flow estimator.
+        first_channel: channels of the first encoder block.
+        n_parameters: number of weights.
+    """
+
+    path: str
+    sha256: str
+    format: str
+    size: tuple[int, int, int]
+    n_resblocks: int
+    first_channel: int
+    n_parameters: int
+
+
+def sha256_file(path: PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _load_reason(err: Exception) -> str:
+    """The informative part of a torch.load failure (not its advice to load unsafely)."""
+    text = _ANSI.sub("", str(err))
+    for line in text.splitlines():
+        if "Unsupported global" in line:
+            found = line[line.index("Unsupported global") :].split(" was not an allowed global")[0]
+            return found.strip() + " (arbitrary objects are refused)"
+    if "Unsupported operand" in text or "zip" in text.lower() or "load key" in text.lower():
+        return "not a torch checkpoint (corrupt or another format)"
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(err).__name__)
+    return first
+
+
+def _read(path: Path) -> object:
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint is not a file: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a bad file
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read as a weights-only torch file: {_load_reason(err)}"
+        ) from err
+
+
+def _split(raw: object, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, object], str]:
+    if isinstance(raw, dict) and "model_state" in raw:
+        state, config, fmt = raw["model_state"], raw.get("config") or {}, "released"
+    elif isinstance(raw, dict):
+        state, config, fmt = raw, {}, "state_dict"
+    else:
+        raise CheckpointError(f"checkpoint {path} holds a {type(raw).__name__}, not a state dict")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"checkpoint {path}: 'model_state' is not a dict of tensors")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"checkpoint {path}: 'config' is not a dict")
+    cleaned = {}
+    for key, value in state.items():
+        if key.endswith(".grid"):
+            continue
+        cleaned[key[len("module."):] if key.startswith("module.") else key] = value
+    return cleaned, config, fmt
+
+
+def _first(keys: list[str], limit: int = 3) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def load_state_dict(
+    state: dict[str, torch.Tensor],
+    *,
+    size: tuple[int, int, int] = DEFAULT_MODEL_SIZE,
+    first_channel: int = 8,
+    in_channel: int = 1,
+    source: str = "state dict",
+) -> RPNet:
+    """Build an :class:`RPNet` matching ``state`` (ResBlock count inferred) and load it strictly.
+
+    Raises:
+        CheckpointError: keys missing or unexpected, or shapes differ; the message names
+            the first offending keys.
+    """
+    indices = [int(m.group(1)) for k in state if (m := _RESBLOCK_KEY.match(k))]
+    n_resblocks = max(0, max(indices, default=1) - 1)
+    net = RPNet(n_resblocks=n_resblocks, first_channel=first_channel, in_channel=in_channel, size=size)
+    expected = net.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {_first(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys {_first(unexpected)}")
+        raise CheckpointError(
+            f"{source} does not match RP-Net ({n_resblocks} ResBlocks inferred): " + "; ".join(parts)
+        )
+    wrong = [
+        f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
+        for k, v in expected.items()
+        if tuple(state[k].shape) != tuple(v.shape)
+    ]
+    if wrong:
+        raise CheckpointError(f"{source} does not match RP-Net: shape mismatch {_first(wrong)}")
+    net.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    return net.eval()
+
+
+def load_checkpoint(path: PathLike, size: tuple[int, int, int] | None = None) -> tuple[RPNet, CheckpointInfo]:
+    """Load a released or bare-state-dict checkpoint onto the CPU, in eval mode.
+
+    Args:
+        path: checkpoint file.
+        size: model grid ``(X, Y, Z)``; defaults to the checkpoint's ``config.size``, else
+            :data:`DEFAULT_MODEL_SIZE`.
+
+    Raises:
+        CheckpointError: not found, unreadable, not weights-only, or not RP-Net.
+    """
+    path = Path(os.fspath(path))
+    state, config, fmt = _split(_read(path), path)
+    try:
+        grid = tuple(int(s) for s in (size or config.get("size") or DEFAULT_MODEL_SIZE))  # type: ignore[union-attr]
+        first_channel = int(config.get("first_channel", 8))  # type: ignore[arg-type]
+        in_channel = int(config.get("in_channel", 1))  # type: ignore[arg-type]
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path}: malformed 'config' {config!r}") from err
+    if len(grid) != 3 or any(s < 16 or s % 8 for s in grid):
+        raise CheckpointError(f"checkpoint {path}: model size must be 3 multiples of 8 (>= 16), got {grid}")
+    if in_channel != 1:
+        raise CheckpointError(f"checkpoint {path}: in_channel must be 1, got {in_channel}")
+    net = load_state_dict(
+        state, size=grid, first_channel=first_channel, in_channel=in_channel,  # type: ignore[arg-type]
+        source=f"checkpoint {path}",
+    )
+    info = CheckpointInfo(
+        path=str(path),
+        sha256=sha256_file(path),
+        format=fmt,
+        size=grid,  # type: ignore[arg-type]
+        n_resblocks=net.n_resblocks,
+        first_channel=first_channel,
+        n_parameters=sum(p.numel() for p in net.parameters()),
+    )
+    return net, info

@@ -1,0 +1,88 @@
+"""Flow solvers: what turns a model-grid image pair into a flow, behind one interface.
+
+A solver is selected by engine name. This module holds the registry and the
+PyTorch reference solver (``torch``), which imports :mod:`iirp.model` only when
+it is built, so the rest of the runtime never needs torch.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import numpy as np
+
+from iirp.errors import IirpError
+from iirp.iterstop import IterStopRule, IterStopTrace
+from iirp.typing import PathLike
+
+__all__ = ["FlowSolver", "TorchSolver", "make_solver", "SOLVERS"]
+
+
+class FlowSolver(Protocol):
+    """Computes the IIRP flow of a pair already on the model grid.
+
+    Attributes:
+        engine: registered name (``torch``, ``ort``, ``trt``).
+        device: ``cpu`` or ``cuda[:N]``.
+        model_size: model grid ``(X, Y, Z)`` in voxels.
+        source: checkpoint or engine folder it came from.
+        source_sha256: hash of that source.
+    """
+
+    engine: str
+    device: str
+    model_size: tuple[int, int, int]
+    source: str
+    source_sha256: str
+
+    def solve(self, moving: np.ndarray, fixed: np.ndarray, rule: IterStopRule) -> IterStopTrace[np.ndarray]:
+        """``(X, Y, Z)`` float32 volumes in [0, 1] -> trace with a ``(3, X, Y, Z)`` voxel flow."""
+        ...
+
+
+class TorchSolver:
+    """The PyTorch reference (:func:`iirp.model.register_arrays`) as a solver.
+
+    Raises:
+        CheckpointError: the checkpoint cannot be loaded.
+        IirpError: torch is missing or the CUDA device is not available.
+    """
+
+    engine = "torch"
+
+    def __init__(self, checkpoint: PathLike, device: str = "cpu") -> None:
+        try:
+            import torch
+
+            from iirp.model import load_checkpoint
+        except ImportError as err:
+            raise IirpError("engine 'torch' needs PyTorch: pip install torch") from err
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise IirpError(f"device {device!r} requested but torch sees no CUDA device")
+        if not (device == "cpu" or device.startswith("cuda")):
+            raise IirpError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
+        self.net, self.info = load_checkpoint(checkpoint)
+        self.device = device
+        self.model_size = self.info.size
+        self.source = self.info.path
+        self.source_sha256 = self.info.sha256
+
+    def solve(self, moving: np.ndarray, fixed: np.ndarray, rule: IterStopRule) -> IterStopTrace[np.ndarray]:
+        from iirp.model import register_arrays
+
+        return register_arrays(self.net, moving, fixed, rule, device=self.device)
+
+
+#: Engine name -> factory ``(source, device) -> FlowSolver``.
+SOLVERS: dict[str, Callable[[PathLike, str], FlowSolver]] = {"torch": TorchSolver}
+
+
+def make_solver(engine: str, source: PathLike, device: str = "cpu") -> FlowSolver:
+    """Build the solver registered as ``engine`` from a checkpoint or engine folder.
+
+    Raises:
+        IirpError: unknown engine, or the solver cannot be built.
+    """
+    if engine not in SOLVERS:
+        raise IirpError(f"engine {engine!r} is not available; choose from {', '.join(sorted(SOLVERS))}")
+    return SOLVERS[engine](source, device)
