@@ -39,7 +39,7 @@ def _guarded(prog: str, verbose: bool, call: Callable[[], T]) -> T:
         _fail(prog, err, verbose)
     except KeyboardInterrupt:
         typer.echo(f"{prog}: interrupted; nothing was written", err=True)
-        raise typer.Exit(130)
+        raise typer.Exit(130) from None
 
 
 @run_app.command(

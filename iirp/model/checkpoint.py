@@ -12,6 +12,7 @@ import hashlib
 import os
 import re
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -88,7 +89,7 @@ def _read(path: Path) -> object:
         ) from err
 
 
-def _split(raw: object, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, object], str]:
+def _split(raw: object, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
     if isinstance(raw, dict) and "model_state" in raw:
         state, config, fmt = raw["model_state"], raw.get("config") or {}, "released"
     elif isinstance(raw, dict):
@@ -166,9 +167,9 @@ def load_checkpoint(path: PathLike, size: tuple[int, int, int] | None = None) ->
     path = Path(os.fspath(path))
     state, config, fmt = _split(_read(path), path)
     try:
-        grid = tuple(int(s) for s in (size or config.get("size") or DEFAULT_MODEL_SIZE))  # type: ignore[union-attr]
-        first_channel = int(config.get("first_channel", 8))  # type: ignore[arg-type]
-        in_channel = int(config.get("in_channel", 1))  # type: ignore[arg-type]
+        grid = tuple(int(s) for s in (size or config.get("size") or DEFAULT_MODEL_SIZE))
+        first_channel = int(config.get("first_channel", 8))
+        in_channel = int(config.get("in_channel", 1))
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"checkpoint {path}: malformed 'config' {config!r}") from err
     if len(grid) != 3 or any(s < 16 or s % 8 for s in grid):

@@ -91,7 +91,7 @@ def register_arrays(
     dev = torch.device(device)
     # channels-last 3D lets oneDNN/cuDNN pick fast conv kernels (about 5x on CPU); same math.
     fmt = torch.channels_last_3d
-    net = net.to(dev, memory_format=fmt)
+    net = net.to(dev).to(memory_format=fmt)  # type: ignore[call-overload]
     m = torch.from_numpy(np.ascontiguousarray(moving, dtype=np.float32))[None, None].to(dev, memory_format=fmt)
     f = torch.from_numpy(np.ascontiguousarray(fixed, dtype=np.float32))[None, None].to(dev, memory_format=fmt)
     with torch.inference_mode():

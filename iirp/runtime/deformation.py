@@ -78,6 +78,15 @@ def apply_field(moving: sitk.Image, fixed: sitk.Image, field: sitk.Image, labels
 
 
 def folding_fraction(field: sitk.Image) -> float:
-    """Share of voxels whose Jacobian determinant of ``x -> x + u(x)`` is <= 0."""
-    jacobian = sitk.DisplacementFieldJacobianDeterminant(sitk.Cast(field, sitk.sitkVectorFloat64))
+    """Share of voxels whose Jacobian determinant of ``x -> x + u(x)`` (physical, mm) is <= 0.
+
+    SimpleITK's Jacobian filter differentiates along index axes (scaled by
+    spacing) and ignores the direction matrix D, so the vectors are first
+    rotated into the index frame: det(I + D^T grad(u) D) = det(I + grad(u)).
+    """
+    direction = ModelGrid.of(field).direction_matrix()
+    vectors = sitk.GetArrayViewFromImage(field).astype(np.float64) @ direction  # per voxel: D^T u
+    in_index_frame = sitk.GetImageFromArray(vectors, isVector=True)
+    in_index_frame.CopyInformation(field)
+    jacobian = sitk.DisplacementFieldJacobianDeterminant(in_index_frame)
     return float((sitk.GetArrayViewFromImage(jacobian) <= 0).mean())

@@ -93,8 +93,13 @@ def prepare_pair(
     options: RegistrationOptions,
     timings_ms: Optional[dict[str, float]] = None,
     names: tuple[str, str] = ("fixed image", "moving image"),
+    initial: Optional[sitk.Transform] = None,
 ) -> PreparedPair:
     """Steps 2-5a above for two float32 images as read.
+
+    Args:
+        names: how error messages name the two images.
+        initial: an already read ``options.initial_transform`` (read here when None).
 
     Raises:
         ImageError / IntensitySpecError / TransformError: see the helpers.
@@ -110,7 +115,7 @@ def prepare_pair(
 
     pre_alignment: Optional[sitk.Transform] = None
     if options.initial_transform is not None:
-        pre_alignment = read_transform(options.initial_transform)
+        pre_alignment = initial if initial is not None else read_transform(options.initial_transform)
     elif options.affine:
         pre_alignment = register_affine(fixed_n, moving_n)
     t2 = time.perf_counter()
@@ -159,13 +164,11 @@ def register_files(
     fixed = read_image(fixed_path, "fixed")
     moving = read_image(moving_path, "moving")
     seg = read_labels(moving_seg, "moving-seg") if moving_seg is not None else None
-    if options.initial_transform is not None:
-        read_transform(options.initial_transform)
+    initial = read_transform(options.initial_transform) if options.initial_transform is not None else None
     timings["read"] = (time.perf_counter() - t0) * 1e3
 
-    pair = prepare_pair(
-        fixed, moving, solver.model_size, options, timings, names=(f"fixed image {fixed_path}", f"moving image {moving_path}")
-    )
+    names = (f"fixed image {fixed_path}", f"moving image {moving_path}")
+    pair = prepare_pair(fixed, moving, solver.model_size, options, timings, names=names, initial=initial)
     trace = solver.solve(pair.moving, pair.fixed, rule)
     timings.update(trace.timings_ms)
 

@@ -1,0 +1,171 @@
+"""Full-size real-data registrations (marker ``slow``; CI runs them).
+
+The released Mindboggle checkpoint on the LPBA40 pair S05 (fixed) / S20
+(moving): Dice over the 48 labels both share must rise from the affine-only
+value (~0.45) above 0.60 with RP-Net and higher again with IIRP-Net
+(``official``); the result must not depend on how the fixed image is stored;
+and raw native scans with ``--affine`` must come out on their own grid.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from iirp.runtime import RegistrationOptions, TorchSolver, register_files
+from iirp.runtime.geometry import ModelGrid, orient, same_grid
+
+pytestmark = pytest.mark.slow
+
+
+def mean_dice(reference: sitk.Image, candidate: sitk.Image, labels: np.ndarray) -> float:
+    """Mean Dice over ``labels`` with SimpleITK's label overlap filter (same grid)."""
+    ref = sitk.Cast(reference, sitk.sitkInt32)
+    cand = sitk.Cast(candidate, sitk.sitkInt32)
+    cand.CopyInformation(ref)
+    overlap = sitk.LabelOverlapMeasuresImageFilter()
+    overlap.Execute(ref, cand)
+    return float(np.mean([overlap.GetDiceCoefficient(int(label)) for label in labels]))
+
+
+def shared_labels(a: sitk.Image, b: sitk.Image) -> np.ndarray:
+    la = np.unique(sitk.GetArrayViewFromImage(a))
+    lb = np.unique(sitk.GetArrayViewFromImage(b))
+    both = np.intersect1d(la, lb)
+    return both[both > 0]
+
+
+@pytest.fixture(scope="module")
+def solver(shared_data: Path) -> TorchSolver:
+    return TorchSolver(shared_data / "mindboggle" / "mind.pt")
+
+
+@pytest.fixture(scope="module")
+def brain(shared_data: Path) -> dict[str, Path]:
+    d = shared_data / "brain"
+    return {
+        "fixed": d / "LPBA40_S05_vol.nii.gz",
+        "moving": d / "LPBA40_S20_vol.nii.gz",
+        "fixed_seg": d / "LPBA40_S05_seg.nii.gz",
+        "moving_seg": d / "LPBA40_S20_seg.nii.gz",
+    }
+
+
+@pytest.fixture(scope="module")
+def canonical_rpnet(solver: TorchSolver, brain: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("rpnet")
+    report = register_files(
+        brain["fixed"], brain["moving"], solver, out, moving_seg=brain["moving_seg"],
+        options=RegistrationOptions(iterstop="rpnet"),
+    )
+    return out, report
+
+
+def test_rpnet_and_iirp_raise_dice_over_affine_only(
+    solver: TorchSolver, brain: dict[str, Path], canonical_rpnet, tmp_path: Path
+) -> None:
+    fixed_seg = sitk.ReadImage(str(brain["fixed_seg"]))
+    moving_seg = sitk.ReadImage(str(brain["moving_seg"]))
+    labels = shared_labels(fixed_seg, moving_seg)
+    assert len(labels) == 48
+    affine_only = mean_dice(fixed_seg, moving_seg, labels)
+    assert 0.44 < affine_only < 0.46
+
+    rp_out, rp_report = canonical_rpnet
+    assert rp_report["iterations"] == [1, 1, 1, 1]
+    assert rp_report["model_grid"]["voxel_for_voxel"] is True
+    rpnet = mean_dice(fixed_seg, sitk.ReadImage(str(rp_out / "warped_seg.nii.gz")), labels)
+
+    report = register_files(
+        brain["fixed"], brain["moving"], solver, tmp_path, moving_seg=brain["moving_seg"],
+        options=RegistrationOptions(iterstop="official"),
+    )
+    iirp = mean_dice(fixed_seg, sitk.ReadImage(str(tmp_path / "warped_seg.nii.gz")), labels)
+    print(f"Dice affine-only {affine_only:.4f}  rpnet {rpnet:.4f}  official {iirp:.4f} {report['iterations']}")
+    assert rpnet > 0.60
+    assert iirp > rpnet + 0.003
+    assert sum(report["iterations"]) > 4
+    assert report["estimator_passes"] >= sum(report["iterations"])
+    assert 0.0 <= report["folding_fraction"] < 0.05
+
+
+def _restore_elsewhere(image: sitk.Image) -> sitk.Image:
+    """The same physical image stored with permuted and flipped axes (hence another origin)."""
+    permuted = sitk.PermuteAxes(image, [2, 0, 1])
+    return sitk.Flip(permuted, [True, False, True])
+
+
+def test_result_does_not_depend_on_the_fixed_layout(
+    solver: TorchSolver, brain: dict[str, Path], canonical_rpnet, tmp_path: Path
+) -> None:
+    fixed = sitk.ReadImage(str(brain["fixed"]))
+    fixed_seg = sitk.ReadImage(str(brain["fixed_seg"]))
+    restored, restored_seg = _restore_elsewhere(fixed), _restore_elsewhere(fixed_seg)
+    assert not same_grid(restored, fixed) and restored.GetOrigin() != fixed.GetOrigin()
+    # physically the same image: the voxel at a physical point is unchanged
+    point = fixed.TransformIndexToPhysicalPoint((40, 100, 70))
+    assert restored.GetPixel(restored.TransformPhysicalPointToIndex(point)) == fixed.GetPixel((40, 100, 70))
+    stored = tmp_path / "in"
+    stored.mkdir()
+    sitk.WriteImage(restored, str(stored / "fixed.nrrd"))
+    out = tmp_path / "out"
+    register_files(
+        stored / "fixed.nrrd", brain["moving"], solver, out, moving_seg=brain["moving_seg"],
+        options=RegistrationOptions(iterstop="rpnet"),
+    )
+    for name in ("warped.nii.gz", "displacement.nii.gz", "warped_seg.nii.gz"):
+        assert same_grid(sitk.ReadImage(str(out / name)), restored), name
+
+    labels = shared_labels(fixed_seg, sitk.ReadImage(str(brain["moving_seg"])))
+    warped_back = orient(sitk.ReadImage(str(out / "warped_seg.nii.gz")))
+    assert same_grid(warped_back, fixed_seg)
+    canonical = mean_dice(fixed_seg, sitk.ReadImage(str(canonical_rpnet[0] / "warped_seg.nii.gz")), labels)
+    relayout = mean_dice(orient(restored_seg), warped_back, labels)
+    assert abs(relayout - canonical) < 0.01
+
+
+def test_native_scans_with_affine(solver: TorchSolver, shared_data: Path, tmp_path: Path) -> None:
+    d = shared_data / "native"
+    fixed_path, moving_path = d / "LPBA40_S05_native.nii.gz", d / "LPBA40_S20_native.nii.gz"
+    fixed_seg = sitk.ReadImage(str(d / "LPBA40_S05_native_labels.nii.gz"))
+    moving_seg = sitk.ReadImage(str(d / "LPBA40_S20_native_labels.nii.gz"))
+    labels = shared_labels(fixed_seg, moving_seg)
+    identity = mean_dice(fixed_seg, moving_seg, labels)
+    assert identity < 0.1
+
+    report = register_files(
+        fixed_path, moving_path, solver, tmp_path, moving_seg=d / "LPBA40_S20_native_labels.nii.gz",
+        options=RegistrationOptions(iterstop="official", affine=True),
+    )
+    assert report["model_grid"]["voxel_for_voxel"] is False
+    assert report["pre_alignment"] == "affine"
+    assert report["timings_ms"]["affine"] < 60_000
+
+    fixed = sitk.ReadImage(str(fixed_path))
+    warped = sitk.ReadImage(str(tmp_path / "warped.nii.gz"))
+    field = sitk.ReadImage(str(tmp_path / "displacement.nii.gz"))
+    warped_seg = sitk.ReadImage(str(tmp_path / "warped_seg.nii.gz"))
+    for image in (warped, field, warped_seg):
+        assert same_grid(image, fixed)
+    assert field.GetPixelID() == sitk.sitkVectorFloat32
+    assert warped_seg.GetPixelID() == moving_seg.GetPixelID()
+    assert isinstance(sitk.ReadTransform(str(tmp_path / "affine.tfm")), sitk.Transform)
+
+    moving = sitk.ReadImage(str(moving_path), sitk.sitkFloat32)
+    again = sitk.Resample(
+        moving, fixed, sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64)),
+        sitk.sitkLinear, 0.0, sitk.sitkFloat32,
+    )
+    span = float(np.ptp(sitk.GetArrayViewFromImage(moving)))
+    diff = np.abs(sitk.GetArrayFromImage(again) - sitk.GetArrayFromImage(warped)).max()
+    assert diff <= 1e-3 * span
+
+    dice = mean_dice(fixed_seg, warped_seg, labels)
+    print(f"native: identity Dice {identity:.4f}, IIRP-Net with --affine {dice:.4f}, {report['iterations']}")
+    assert dice >= 0.55
+    assert ModelGrid(**{k: tuple(v) for k, v in report["model_grid"].items() if k != "voxel_for_voxel"}).size == (
+        160, 192, 160,
+    )
