@@ -12,8 +12,8 @@ import hashlib
 import os
 import re
 from dataclasses import dataclass
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import torch
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support import rotation as _rotation
 
 sitk = pytest.importorskip("SimpleITK")
 
@@ -18,15 +19,6 @@ SIZE = (64, 64, 64)  # (x, y, z) voxels
 SPACING = 2.0  # mm, isotropic: a 128 mm field of view
 MEAN_ERROR_MM = 1.5  # mean |recovered(x) - true(x)| over the foreground
 MAX_ERROR_MM = 3.0  # one working-grid voxel
-
-
-def _rotation(angles_deg: tuple[float, float, float]) -> np.ndarray:
-    """Proper rotation Rz @ Ry @ Rx, ``(3, 3)`` float64."""
-    ax, ay, az = np.deg2rad(angles_deg)
-    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
-    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
-    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
-    return rz @ ry @ rx
 
 
 def _ellipsoid(points: np.ndarray, centre: tuple[float, ...], radii: tuple[float, ...]) -> np.ndarray:

@@ -11,57 +11,20 @@ from typing import Callable
 
 import numpy as np
 import pytest
+from support import blob as _blob
+from support import tiny_inputs
+from support import write_array as _write
 
 sitk = pytest.importorskip("SimpleITK")
 torch = pytest.importorskip("torch")
 from typer.testing import CliRunner  # noqa: E402
 
 from iirp.cli import run_app  # noqa: E402
-from iirp.model import RPNet  # noqa: E402
 
 SIZE = (32, 32, 32)  # (x, y, z); tiny so inference stays cheap
 PROG_PREFIX = "iirp-run: error: "
 
 # --------------------------------------------------------------------------- shared fixtures
-
-
-def _blob(centre: tuple[float, float, float], sigma: float = 5.0, shape: tuple[int, ...] = SIZE) -> np.ndarray:
-    """Smooth float32 Gaussian blob (numpy ``(z, y, x)`` order), peak 100, zero near the border."""
-    axes = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij")
-    r2 = sum((a - c) ** 2 for a, c in zip(axes, centre))
-    return (100.0 * np.exp(-r2 / (2 * sigma**2))).astype(np.float32)
-
-
-def _write(array: np.ndarray, path: Path, is_vector: bool = False) -> Path:
-    image = sitk.GetImageFromArray(array, isVector=is_vector)
-    image.SetSpacing([1.0] * image.GetDimension())
-    sitk.WriteImage(image, str(path))
-    return path
-
-
-def _labels(shape: tuple[int, int, int] = SIZE) -> np.ndarray:
-    seg = np.zeros(shape, dtype=np.int16)
-    seg[8:16, 8:24, 8:24] = 3
-    seg[16:24, 8:24, 8:24] = 7
-    seg[12:20, 12:20, 12:20] = 12
-    return seg
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Valid inputs: a fixed/moving pair, an int16 label map and a tiny random-weight checkpoint."""
-    root = tmp_path_factory.mktemp("cli_inputs")
-    torch.manual_seed(0)
-    net = RPNet(size=SIZE)
-    ckpt = root / "tiny.pt"
-    torch.save({"config": {"size": SIZE, "in_channel": 1, "first_channel": 8}, "model_state": net.state_dict()}, ckpt)
-    return {
-        "fixed": _write(_blob((15.5, 15.5, 15.5)), root / "fixed.nii.gz"),
-        "moving": _write(_blob((14.0, 17.0, 15.0)), root / "moving.nii.gz"),
-        "seg": _write(_labels(), root / "seg.nii.gz"),
-        "ckpt": ckpt,
-        "state": net.state_dict(),  # type: ignore[dict-item]
-    }
 
 
 def _invoke(args: list[str]):  # type: ignore[no-untyped-def]
@@ -454,3 +417,9 @@ def test_verbose_shows_traceback(data: dict, tmp_path: Path) -> None:
     assert "Traceback" in err
     assert err.strip().splitlines()[-1] == f"{PROG_PREFIX}fixed image not found: {missing}"
     assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Valid inputs: a fixed/moving pair, an int16 label map and a tiny random-weight checkpoint."""
+    return tiny_inputs(tmp_path_factory.mktemp("cli_inputs"))

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support import tiny_inputs
 
 sitk = pytest.importorskip("SimpleITK")
 torch = pytest.importorskip("torch")
@@ -20,7 +21,6 @@ from typer.testing import CliRunner  # noqa: E402
 import iirp  # noqa: E402
 from iirp.cli import run_app  # noqa: E402
 from iirp.iterstop import DEFAULT_DELTA, parse_iterstop  # noqa: E402
-from iirp.model import RPNet  # noqa: E402
 
 SIZE = (32, 32, 32)  # (x, y, z); tiny so inference stays cheap
 LABELS = (0, 3, 7, 12)
@@ -32,43 +32,6 @@ REPORT_KEYS = {
 FIELD_ROUNDING_RTOL = 1e-3
 #: CLI output vs the library's own model-grid warp, relative to the intensity range
 MODEL_WARP_RTOL = 1e-3
-
-
-def _blob(centre: tuple[float, float, float], sigma: float = 5.0) -> np.ndarray:
-    """Smooth float32 Gaussian blob, numpy ``(z, y, x)`` order, peak 100."""
-    axes = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in SIZE], indexing="ij")
-    r2 = sum((a - c) ** 2 for a, c in zip(axes, centre))
-    return (100.0 * np.exp(-r2 / (2 * sigma**2))).astype(np.float32)
-
-
-def _write(array: np.ndarray, path: Path) -> Path:
-    image = sitk.GetImageFromArray(array)
-    image.SetSpacing((1.0, 1.0, 1.0))
-    sitk.WriteImage(image, str(path))
-    return path
-
-
-def _labels() -> np.ndarray:
-    seg = np.zeros(SIZE, dtype=np.int16)
-    seg[8:16, 8:24, 8:24] = 3
-    seg[16:24, 8:24, 8:24] = 7
-    seg[12:20, 12:20, 12:20] = 12
-    return seg
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("cli_run_inputs")
-    torch.manual_seed(0)
-    net = RPNet(size=SIZE)
-    ckpt = root / "tiny.pt"
-    torch.save({"config": {"size": SIZE, "in_channel": 1, "first_channel": 8}, "model_state": net.state_dict()}, ckpt)
-    return {
-        "fixed": _write(_blob((15.5, 15.5, 15.5)), root / "fixed.nii.gz"),
-        "moving": _write(_blob((14.0, 17.0, 15.0)), root / "moving.nii.gz"),
-        "seg": _write(_labels(), root / "seg.nii.gz"),
-        "ckpt": ckpt,
-    }
 
 
 def _invoke(args: list[object]):  # type: ignore[no-untyped-def]
@@ -284,3 +247,9 @@ def test_warped_seg(rpnet_run, data: dict) -> None:  # type: ignore[no-untyped-d
     found = set(np.unique(sitk.GetArrayViewFromImage(seg)).tolist())
     assert found <= set(LABELS)
     assert len(found - {0}) >= 2  # small displacements keep most labels
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Valid inputs: a fixed/moving pair, an int16 label map and a tiny random-weight checkpoint."""
+    return tiny_inputs(tmp_path_factory.mktemp("cli_inputs"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from support import rotation as _rotation
 
 sitk = pytest.importorskip("SimpleITK")
 
@@ -29,15 +30,6 @@ INDEX_ATOL = 1e-6  # voxels, continuous index of a voxel centre after reorientat
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _rotation(angles_deg: tuple[float, float, float]) -> np.ndarray:
-    """Proper rotation Rz @ Ry @ Rx, ``(3, 3)`` float64."""
-    ax, ay, az = np.deg2rad(angles_deg)
-    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
-    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
-    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
-    return rz @ ry @ rx
 
 
 def _image(
