@@ -8,7 +8,6 @@ untrusted input.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from typing import Any
 import torch
 
 from iirp.errors import CheckpointError
+from iirp.manifest import sha256_file
 from iirp.model.rpnet import RPNet
 from iirp.typing import PathLike
 
@@ -49,15 +49,6 @@ class CheckpointInfo:
     n_resblocks: int
     first_channel: int
     n_parameters: int
-
-
-def sha256_file(path: PathLike) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
