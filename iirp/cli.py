@@ -52,8 +52,11 @@ def run(
     fixed: Path = typer.Argument(..., help="Fixed image (any format SimpleITK reads)."),
     moving: Path = typer.Argument(..., help="Moving image."),
     out: Path = typer.Option(..., "-o", "--out", help="Output folder (created)."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="RP-Net checkpoint (.pt)."),
-    engine: str = typer.Option("torch", "--engine", help="Engine: torch."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="RP-Net checkpoint (.pt): PyTorch reference."),
+    engines: Optional[Path] = typer.Option(None, "--engines", help="Folder written by iirp-export."),
+    engine: Optional[str] = typer.Option(
+        None, "--engine", help="torch | ort | trt (default: torch with --checkpoint, ort with --engines)."
+    ),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     iterstop: str = typer.Option("official", "--iterstop", help="official | paper | rpnet | fixed:a,b,c,d"),
     delta: float = typer.Option(DEFAULT_DELTA, "--delta", help="IterStop NCC improvement threshold."),
@@ -70,8 +73,8 @@ def run(
     """Register MOVING to FIXED; write warped image, displacement field, labels and a report."""
     from iirp.runtime import RegistrationOptions, make_solver, register_files
 
-    if checkpoint is None:
-        _fail("iirp-run", IirpError("--checkpoint is required"), verbose)
+    if (checkpoint is None) == (engines is None):
+        _fail("iirp-run", IirpError("give exactly one of --checkpoint CKPT or --engines DIR"), verbose)
     if affine and initial_transform is not None:
         _fail("iirp-run", IirpError("use either --affine or --initial-transform, not both"), verbose)
     options = RegistrationOptions(
@@ -88,7 +91,8 @@ def run(
         check_output_dir(out)
         parse_iterstop(iterstop, delta, max_iters)
         parse_intensity(intensity)
-        solver = make_solver(engine, checkpoint, device)
+        chosen = engine or ("ort" if engines is not None else "torch")
+        solver = make_solver(chosen, checkpoint=checkpoint, engines=engines, device=device)
         return register_files(fixed, moving, solver, out, moving_seg=moving_seg, options=options)
 
     report = _guarded("iirp-run", verbose, _go)

@@ -73,16 +73,31 @@ class TorchSolver:
         return register_arrays(self.net, moving, fixed, rule, device=self.device)
 
 
-#: Engine name -> factory ``(source, device) -> FlowSolver``.
+#: Engine name -> factory ``(checkpoint, device) -> FlowSolver`` for ``--checkpoint`` runs.
 SOLVERS: dict[str, Callable[[PathLike, str], FlowSolver]] = {"torch": TorchSolver}
 
 
-def make_solver(engine: str, source: PathLike, device: str = "cpu") -> FlowSolver:
-    """Build the solver registered as ``engine`` from a checkpoint or engine folder.
+def make_solver(
+    engine: str, *, checkpoint: PathLike | None = None, engines: PathLike | None = None, device: str = "cpu"
+) -> FlowSolver:
+    """Build a solver: the PyTorch reference from a checkpoint, or ``engine`` over an exported folder.
+
+    Args:
+        engine: ``torch`` (reference loop with a checkpoint; the torch stages with ``engines``),
+            ``ort`` or ``trt`` (need ``engines``).
+        checkpoint: an RP-Net checkpoint, for ``--checkpoint`` runs.
+        engines: an ``iirp-export`` folder, for ``--engines`` runs.
 
     Raises:
-        IirpError: unknown engine, or the solver cannot be built.
+        IirpError: neither or both sources, unknown engine, or the solver cannot be built.
     """
+    if (checkpoint is None) == (engines is None):
+        raise IirpError("give exactly one of --checkpoint CKPT or --engines DIR")
+    if engines is not None:
+        from iirp.runtime.pipeline import EngineSolver
+
+        return EngineSolver(engines, engine, device)
     if engine not in SOLVERS:
-        raise IirpError(f"engine {engine!r} is not available; choose from {', '.join(sorted(SOLVERS))}")
-    return SOLVERS[engine](source, device)
+        raise IirpError(f"engine {engine!r} needs --engines DIR (an iirp-export folder); with --checkpoint use torch")
+    assert checkpoint is not None
+    return SOLVERS[engine](checkpoint, device)

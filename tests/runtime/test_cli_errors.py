@@ -347,7 +347,28 @@ def test_intensity_window_outside_image_range(data: dict, tmp_path: Path) -> Non
 def test_checkpoint_option_missing(data: dict, tmp_path: Path) -> None:
     out = tmp_path / "out"
     result = _invoke([data["fixed"], data["moving"], "-o", out])
-    _assert_one_line_error(result, "--checkpoint is required")
+    _assert_one_line_error(result, "give exactly one of --checkpoint CKPT or --engines DIR")
+    assert not out.exists()
+
+
+def test_checkpoint_and_engines_together(data: dict, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = _invoke([data["fixed"], data["moving"], "--checkpoint", data["ckpt"], "--engines", tmp_path, "-o", out])
+    _assert_one_line_error(result, "give exactly one of --checkpoint CKPT or --engines DIR")
+    assert not out.exists()
+
+
+def test_ort_engine_needs_an_engine_folder(data: dict, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = _invoke([data["fixed"], data["moving"], "--checkpoint", data["ckpt"], "--engine", "ort", "-o", out])
+    _assert_one_line_error(result, "engine 'ort' needs --engines DIR")
+    assert not out.exists()
+
+
+def test_engine_folder_without_manifest(data: dict, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = _invoke([data["fixed"], data["moving"], "--engines", tmp_path, "-o", out])
+    _assert_one_line_error(result, "manifest.json not found")
     assert not out.exists()
 
 
@@ -365,7 +386,7 @@ def test_affine_and_initial_transform_together(data: dict, tmp_path: Path) -> No
 
 @pytest.mark.parametrize(
     ("option", "value", "pattern"),
-    [("--engine", "nonesuch", r"engine 'nonesuch' is not available; choose from torch"),
+    [("--engine", "nonesuch", r"engine 'nonesuch' needs --engines DIR"),
      ("--device", "tpu", r"device must be 'cpu' or 'cuda\[:N\]', got 'tpu'")],
 )
 def test_bad_engine_or_device(option: str, value: str, pattern: str, data: dict, tmp_path: Path) -> None:

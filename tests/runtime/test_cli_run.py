@@ -218,7 +218,7 @@ def test_warped_matches_model_grid_warp(rpnet_run, data: dict) -> None:  # type:
     out, _ = rpnet_run
     fixed = read_image(data["fixed"], "fixed")
     moving = read_image(data["moving"], "moving")
-    solver = make_solver("torch", data["ckpt"], "cpu")
+    solver = make_solver("torch", checkpoint=data["ckpt"], device="cpu")
     pair = prepare_pair(fixed, moving, solver.model_size, RegistrationOptions(iterstop="rpnet"))
     assert pair.voxel_for_voxel
     flow = solver.solve(pair.moving, pair.fixed, parse_iterstop("rpnet")).flow

@@ -1,0 +1,10 @@
+"""Stage backends (``ort``, ``trt``, ``torch``) behind one interface; see :mod:`.base`."""
+
+from __future__ import annotations
+
+from iirp.runtime.engines import ort as _ort  # noqa: F401  (registers "ort")
+from iirp.runtime.engines import torch_backend as _torch_backend  # noqa: F401  (registers "torch")
+from iirp.runtime.engines import trt as _trt  # noqa: F401  (registers "trt")
+from iirp.runtime.engines.base import BACKENDS, Backend, StageSet, register_backend
+
+__all__ = ["BACKENDS", "Backend", "StageSet", "register_backend"]
