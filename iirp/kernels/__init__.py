@@ -1,1 +1,34 @@
-"""Warp / compose / upsample / score kernels: CPU (numba) and CUDA (not implemented yet)."""
+"""Warp / compose / upsample / score kernels on host numpy arrays.
+
+These are the CPU implementations, compiled with numba (``parallel=True``,
+``cache=True``, fastmath off) and parallel over the first spatial axis. CUDA
+versions come later and will dispatch from these same functions; the numba
+code stays the readable reference with the same signature and edge handling.
+
+Conventions (see :mod:`iirp.runtime.geometry`, SPEC section 3): arrays are
+batch-free, C-contiguous float32 -- volumes ``(X, Y, Z)``, feature maps
+``(C, X, Y, Z)``, flows ``(3, X, Y, Z)`` displacements in voxels of their own
+grid, component c along array axis c. Sampling is trilinear with
+``align_corners=True`` (voxel centres at integer indices) and zero padding.
+Inputs of another real dtype or layout are converted with
+``np.ascontiguousarray(x, dtype=np.float32)``; an ``out=`` buffer must already be
+a C-contiguous float32 array of the result's shape, not overlapping the inputs.
+
+* :func:`warp` -- ``src(p + u(p))``.
+* :func:`compose` -- ``warp(phi, du) + du`` in one pass.
+* :func:`upsample`, :func:`upsample2` -- ``s * trilinear_resize(u, s x)``.
+* :func:`ncc` -- global NCC with unbiased std.
+* :func:`fused_ncc_score` -- ``ncc(warp(m, upsample(u, s)), f)`` without
+  materialising the full-resolution flow or warped image (the IterStop score).
+
+Importing this package imports numba (not torch); compilation happens on the
+first call of each function and is cached on disk next to the sources.
+"""
+
+from __future__ import annotations
+
+from iirp.kernels.score import fused_ncc_score, ncc
+from iirp.kernels.upsample import upsample, upsample2
+from iirp.kernels.warp import compose, warp
+
+__all__ = ["warp", "compose", "upsample", "upsample2", "ncc", "fused_ncc_score"]
