@@ -113,10 +113,46 @@ def _not_yet(prog: str) -> NoReturn:
     raise typer.Exit(2)
 
 
-@export_app.command()
-def export() -> None:
-    """Export a checkpoint to ONNX (not implemented yet)."""
-    _not_yet("iirp-export")
+@export_app.command(
+    epilog=(
+        "Dynamic exports accept 16..256 voxels per axis (multiples of 8; widened to include --shape). "
+        "fp16 files keep float32 inputs and outputs. onnxruntime's CPU provider runs fp16 files with "
+        "float32 arithmetic, so --verify checks fp16 weights there, not fp16 arithmetic."
+    )
+)
+def export(
+    checkpoint: Path = typer.Argument(..., help="RP-Net checkpoint (.pt)."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output folder (created, or an earlier export replaced)."),
+    shape: Optional[tuple[int, int, int]] = typer.Option(
+        None, "--shape", help="Model grid D H W (array extents X Y Z, multiples of 8); default: the checkpoint's size."
+    ),
+    dynamic: bool = typer.Option(False, "--dynamic", help="Symbolic spatial dims (verified at --shape)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 (fp16 weights and compute)."),
+    opset: int = typer.Option(18, "--opset", help="ONNX opset (17 or newer)."),
+    trt: bool = typer.Option(False, "--trt", help="Also build TensorRT engines (needs tensorrt and a GPU)."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Compare every stage with PyTorch (onnxruntime)."),
+    verify_pair: Optional[tuple[Path, Path]] = typer.Option(
+        None, "--verify-pair", help="FIXED MOVING images to verify with as well."
+    ),
+    verbose: bool = typer.Option(False, "--verbose", help="Show tracebacks."),
+) -> None:
+    """Export CHECKPOINT to ONNX stages (and TensorRT engines) with a manifest, in folder OUT."""
+    from iirp.manifest import Manifest
+
+    def _go() -> Manifest:
+        from iirp.export import export_checkpoint
+
+        return export_checkpoint(
+            checkpoint, out, shape=shape if shape and None not in shape else None, dynamic=dynamic,
+            precision=precision, opset=opset, trt=trt, verify=verify,
+            verify_pair=verify_pair if verify_pair and None not in verify_pair else None, progress=True,
+        )
+
+    manifest = _guarded("iirp-export", verbose, _go)
+    grid = "dynamic" if manifest.dynamic else "x".join(str(s) for s in manifest.size)
+    engines = ", TensorRT engines" if manifest.tensorrt else ""
+    typer.echo(f"wrote {out}: {len(manifest.stages)} stages, {manifest.precision}, {grid}, opset {manifest.opset}"
+               f" ({manifest.exporter.get('method', '?')} exporter){engines}")
 
 
 @bench_app.command()

@@ -181,7 +181,27 @@ class Manifest:
         missing = [s for s in STAGES if s not in manifest.stages]
         if missing:
             raise ManifestMismatchError(f"{path} lacks stages {', '.join(missing)}")
+        manifest._check_grid(path)
         return manifest
+
+    def _check_grid(self, path: Path) -> None:
+        """The model grid is 3 positive multiples of 8 and, for a static export, the stages' own shape.
+
+        Raises:
+            ManifestMismatchError: a malformed grid, or one the stage files were not exported for.
+        """
+        size = self.model_grid.get("size")
+        if not (isinstance(size, list) and len(size) == 3 and all(isinstance(s, int) and s > 0 and s % 8 == 0
+                                                                   for s in size)):
+            raise ManifestMismatchError(f"{path}: model_grid size must be 3 positive multiples of 8, got {size!r}")
+        if self.dynamic:
+            return
+        image = self.stages["feature_extractor"].inputs[0]
+        if image.shape[2:] != size:
+            raise ManifestMismatchError(
+                f"{path}: model_grid size {size} differs from the static shape {image.shape[2:]} the stages "
+                "were exported for (manifest edited after export?)"
+            )
 
     # ------------------------------------------------------------------ checks
     def verify_files(self, folder: PathLike, *, engines: bool = False) -> None:

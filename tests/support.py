@@ -62,3 +62,16 @@ def tiny_inputs(root: Path) -> dict[str, object]:
         "ckpt": ckpt,
         "state": net.state_dict(),
     }
+
+
+def tiny_export(root: Path) -> tuple[dict[str, object], Path]:
+    """:func:`tiny_inputs` in ``root`` plus their checkpoint exported to ``root/engines`` (fp32, static, unverified).
+
+    Uses the torchscript exporter: seconds instead of the dynamo exporter's minute on a small CPU
+    (tests/export covers the dynamo path).
+    """
+    from iirp.export import export_checkpoint
+
+    data = tiny_inputs(root)
+    export_checkpoint(data["ckpt"], root / "engines", verify=False, progress=False, exporter="torchscript")
+    return data, root / "engines"

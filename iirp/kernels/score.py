@@ -40,11 +40,12 @@ _CHUNK = 1 << 16  # elements per parallel work item of the moment sums
 
 @njit(parallel=True, cache=True, fastmath=False)
 def _centered_sums(a, b, ma, mb):  # pragma: no cover - compiled
-    """Float64 sums of da, db, da*da, db*db, da*db with ``da = a - ma``, ``db = b - mb`` (flat float32 inputs).
+    """Partial float64 sums of da, db, da*da, db*db, da*db with ``da = a - ma``, ``db = b - mb``.
 
-    Parallel over chunks of ``_CHUNK`` elements, each summed serially into its
-    own row of partials; the partials are then added in chunk order, so the
-    result does not depend on the thread count.
+    ``a`` and ``b`` are flat float32. Parallel over chunks of ``_CHUNK``
+    elements, each summed serially into its own row: returns ``(n_chunks, 5)``
+    partials, which the caller adds in a fixed order (so the result does not
+    depend on the thread count).
     """
     n = a.shape[0]
     n_chunks = (n + _CHUNK - 1) // _CHUNK
@@ -68,30 +69,13 @@ def _centered_sums(a, b, ma, mb):  # pragma: no cover - compiled
         partials[chunk, 2] = saa
         partials[chunk, 3] = sbb
         partials[chunk, 4] = sab
-    return _sum_rows(partials)
-
-
-@njit(cache=True, fastmath=False)
-def _sum_rows(partials):  # pragma: no cover - compiled
-    """Column sums of ``(n, 5)`` float64 partials, in row order: a 5-tuple."""
-    sa = 0.0
-    sb = 0.0
-    saa = 0.0
-    sbb = 0.0
-    sab = 0.0
-    for r in range(partials.shape[0]):
-        sa += partials[r, 0]
-        sb += partials[r, 1]
-        saa += partials[r, 2]
-        sbb += partials[r, 3]
-        sab += partials[r, 4]
-    return sa, sb, saa, sbb, sab
+    return partials
 
 
 @njit(cache=True, fastmath=False)
 def _fused_slab(moving, fixed, planes, xi0, xi1, xw0, xw1, yi0, yi1, yw0, yw1, factor, x):  # pragma: no cover
     """Sums of a, b, a*a, b*b, a*b (float64) over the slab ``x`` of the fused score (serial)."""
-    _, nx, ny, nz = moving.shape
+    nx, ny, nz = moving.shape
     i0, i1, wx0, wx1 = xi0[x], xi1[x], xw0[x], xw1[x]
     fx = np.float32(x)
     sa = 0.0
@@ -104,12 +88,10 @@ def _fused_slab(moving, fixed, planes, xi0, xi1, xw0, xw1, yi0, yi1, yw0, yw1, f
         fy = np.float32(y)
         for z in range(nz):
             # the upsampled flow at (x, y, z), as upsample() writes it (vectors scaled by the factor)
-            u0 = factor * _blend_xy(planes, 0, i0, i1, j0, j1, wx0, wx1, wy0, wy1, z)
-            u1 = factor * _blend_xy(planes, 1, i0, i1, j0, j1, wx0, wx1, wy0, wy1, z)
-            u2 = factor * _blend_xy(planes, 2, i0, i1, j0, j1, wx0, wx1, wy0, wy1, z)
-            px = fx + u0
-            py = fy + u1
-            pz = np.float32(z) + u2
+            u0, u1, u2 = _blend_xy(planes, i0, i1, j0, j1, wx0, wx1, wy0, wy1, z)
+            px = fx + factor * u0
+            py = fy + factor * u1
+            pz = np.float32(z) + factor * u2
             b = np.float64(fixed[x, y, z])
             sb += b
             sbb += b * b
@@ -117,7 +99,7 @@ def _fused_slab(moving, fixed, planes, xi0, xi1, xw0, xw1, yi0, yi1, yw0, yw1, f
                 m0, m1, vx0, vx1 = _axis(px, nx)
                 n0, n1, vy0, vy1 = _axis(py, ny)
                 k0, k1, vz0, vz1 = _axis(pz, nz)
-                a = np.float64(_lerp3(moving, 0, m0, m1, n0, n1, k0, k1, vx0, vx1, vy0, vy1, vz0, vz1))
+                a = np.float64(_lerp3(moving, m0, m1, n0, n1, k0, k1, vx0, vx1, vy0, vy1, vz0, vz1))
                 sa += a
                 saa += a * a
                 sab += a * b
@@ -126,20 +108,26 @@ def _fused_slab(moving, fixed, planes, xi0, xi1, xw0, xw1, yi0, yi1, yw0, yw1, f
 
 @njit(parallel=True, cache=True, fastmath=False)
 def _fused_sums(moving, fixed, planes, xi0, xi1, xw0, xw1, yi0, yi1, yw0, yw1, factor):  # pragma: no cover
-    """Sums of a, b, a*a, b*b, a*b (float64) with ``a = warp(moving, factor * blend(planes))``, ``b = fixed``.
+    """Per-slab sums of a, b, a*a, b*b, a*b (float64), ``a = warp(moving, factor * blend(planes))``, ``b = fixed``.
 
-    ``moving`` is ``(1, X, Y, Z)``; ``planes`` the z-resized coarse flow
+    ``moving`` and ``fixed`` are ``(X, Y, Z)``; ``planes`` the z-resized coarse flow
     ``(3, x, y, Z)``; the x and y tables come from ``upsample._axis_table``.
-    Parallel over slabs x; each slab's sums go to its own row of partials,
-    added in slab order afterwards (independent of the thread count).
+    Parallel over slabs x; returns ``(X, 5)`` partials, one row per slab, which
+    the caller adds in a fixed order (independent of the thread count).
     """
-    nx = moving.shape[1]
+    nx = moving.shape[0]
     partials = np.zeros((nx, 5), dtype=np.float64)
     for x in prange(nx):
         sums = _fused_slab(moving, fixed, planes, xi0, xi1, xw0, xw1, yi0, yi1, yw0, yw1, factor, x)
         for k in range(5):
             partials[x, k] = sums[k]
-    return _sum_rows(partials)
+    return partials
+
+
+def _total(partials: np.ndarray) -> tuple[float, float, float, float, float]:
+    """Column sums of ``(n, 5)`` float64 partials (in a fixed order) as five floats."""
+    sa, sb, saa, sbb, sab = (float(v) for v in partials.sum(axis=0))
+    return sa, sb, saa, sbb, sab
 
 
 def _ncc_from_sums(n: int, sa: float, sb: float, saa: float, sbb: float, sab: float) -> float:
@@ -179,10 +167,10 @@ def ncc(a: Any, b: Any) -> float:
         raise ValueError(f"ncc() 'a' needs at least 2 elements, got shape {tuple(a.shape)}")
     flat_a, flat_b = a.reshape(-1), b.reshape(-1)
     n = flat_a.size
-    sa, sb, _, _, _ = _centered_sums(flat_a, flat_b, 0.0, 0.0)
+    sa, sb, _, _, _ = _total(_centered_sums(flat_a, flat_b, 0.0, 0.0))
     ma, mb = sa / n, sb / n
     # second pass about the means (the two-pass formula of iirp.model.spatial.ncc)
-    _, _, saa, sbb, sab = _centered_sums(flat_a, flat_b, ma, mb)
+    _, _, saa, sbb, sab = _total(_centered_sums(flat_a, flat_b, ma, mb))
     denom = math.sqrt(saa / (n - 1)) * math.sqrt(sbb / (n - 1))
     if denom == 0.0:
         return 0.0  # a constant image correlates with nothing
@@ -240,5 +228,5 @@ def fused_ncc_score(moving: Any, fixed: Any, flow: Any, factor: int) -> float:
         raise ValueError(f"fused_ncc_score() 'moving' needs at least 2 voxels, got shape {tuple(moving.shape)}")
     planes, tx, ty = _flow_planes(flow, factor)
     # the blended flow is scaled by the factor inside the kernel (voxel-unit flow follows its grid)
-    sums = _fused_sums(moving.reshape((1, *moving.shape)), fixed, planes, *tx, *ty, np.float32(factor))
-    return _ncc_from_sums(n, *sums)
+    partials = _fused_sums(moving, fixed, planes, *tx, *ty, np.float32(factor))
+    return _ncc_from_sums(n, *_total(partials))

@@ -68,12 +68,12 @@ def _inside(x, y, z, nx, ny, nz):  # pragma: no cover - compiled
 
 
 @njit(cache=True)
-def _lerp3(src, c, i0, i1, j0, j1, k0, k1, wx0, wx1, wy0, wy1, wz0, wz1):  # pragma: no cover - compiled
-    """Trilinear blend of channel ``c`` of ``src`` (C, X, Y, Z): z innermost, then y, then x."""
-    v00 = wz0 * src[c, i0, j0, k0] + wz1 * src[c, i0, j0, k1]
-    v01 = wz0 * src[c, i0, j1, k0] + wz1 * src[c, i0, j1, k1]
-    v10 = wz0 * src[c, i1, j0, k0] + wz1 * src[c, i1, j0, k1]
-    v11 = wz0 * src[c, i1, j1, k0] + wz1 * src[c, i1, j1, k1]
+def _lerp3(vol, i0, i1, j0, j1, k0, k1, wx0, wx1, wy0, wy1, wz0, wz1):  # pragma: no cover - compiled
+    """Trilinear blend of the 3-D volume ``vol`` at the given corners: z innermost, then y, then x."""
+    v00 = wz0 * vol[i0, j0, k0] + wz1 * vol[i0, j0, k1]
+    v01 = wz0 * vol[i0, j1, k0] + wz1 * vol[i0, j1, k1]
+    v10 = wz0 * vol[i1, j0, k0] + wz1 * vol[i1, j0, k1]
+    v11 = wz0 * vol[i1, j1, k0] + wz1 * vol[i1, j1, k1]
     return wx0 * (wy0 * v00 + wy1 * v01) + wx1 * (wy0 * v10 + wy1 * v11)
 
 
@@ -94,7 +94,7 @@ def _warp_kernel(src, flow, out, add_flow):  # pragma: no cover - compiled
                     j0, j1, wy0, wy1 = _axis(py, ny)
                     k0, k1, wz0, wz1 = _axis(pz, nz)
                     for c in range(nc):
-                        v = _lerp3(src, c, i0, i1, j0, j1, k0, k1, wx0, wx1, wy0, wy1, wz0, wz1)
+                        v = _lerp3(src[c], i0, i1, j0, j1, k0, k1, wx0, wx1, wy0, wy1, wz0, wz1)
                         if add_flow:
                             v = v + flow[c, x, y, z]
                         out[c, x, y, z] = v

@@ -3,8 +3,10 @@
 The released Mindboggle checkpoint on the LPBA40 pair S05 (fixed) / S20
 (moving): Dice over the 48 labels both share must rise from the affine-only
 value (~0.45) above 0.60 with RP-Net and higher again with IIRP-Net
-(``official``); the result must not depend on how the fixed image is stored;
-and raw native scans with ``--affine`` must come out on their own grid.
+(``official``); the exported onnxruntime engine must reproduce the reference
+(iterations, flow, Dice); the result must not depend on how the fixed image is
+stored; and raw native scans with ``--affine`` must come out on their own grid.
+The last two run on the onnxruntime engine (faster on CPU; geometry is under test).
 """
 
 from __future__ import annotations
@@ -54,18 +56,43 @@ def brain(shared_data: Path) -> dict[str, Path]:
     }
 
 
-@pytest.fixture(scope="module")
-def canonical_rpnet(solver: TorchSolver, brain: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
-    out = tmp_path_factory.mktemp("rpnet")
+def _register_canonical(solver, brain: dict[str, Path], out: Path, rule: str):  # type: ignore[no-untyped-def]
     report = register_files(
         brain["fixed"], brain["moving"], solver, out, moving_seg=brain["moving_seg"],
-        options=RegistrationOptions(iterstop="rpnet"),
+        options=RegistrationOptions(iterstop=rule),
     )
     return out, report
 
 
+@pytest.fixture(scope="module")
+def canonical_rpnet(solver: TorchSolver, brain: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
+    return _register_canonical(solver, brain, tmp_path_factory.mktemp("rpnet"), "rpnet")
+
+
+@pytest.fixture(scope="module")
+def canonical_official(solver: TorchSolver, brain: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
+    return _register_canonical(solver, brain, tmp_path_factory.mktemp("official"), "official")
+
+
+@pytest.fixture(scope="module")
+def exported(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from iirp.export import export_checkpoint
+
+    # torchscript: about a minute at full size on 2 cores; the default dynamo path is covered by tests/export
+    out = tmp_path_factory.mktemp("engines") / "fp32"
+    export_checkpoint(shared_data / "mindboggle" / "mind.pt", out, verify=False, progress=False, exporter="torchscript")
+    return out
+
+
+@pytest.fixture(scope="module")
+def ort_solver(exported: Path):  # type: ignore[no-untyped-def]
+    from iirp.runtime.pipeline import EngineSolver
+
+    return EngineSolver(exported, "ort")
+
+
 def test_rpnet_and_iirp_raise_dice_over_affine_only(
-    solver: TorchSolver, brain: dict[str, Path], canonical_rpnet, tmp_path: Path
+    brain: dict[str, Path], canonical_rpnet, canonical_official
 ) -> None:
     fixed_seg = sitk.ReadImage(str(brain["fixed_seg"]))
     moving_seg = sitk.ReadImage(str(brain["moving_seg"]))
@@ -79,11 +106,8 @@ def test_rpnet_and_iirp_raise_dice_over_affine_only(
     assert rp_report["model_grid"]["voxel_for_voxel"] is True
     rpnet = mean_dice(fixed_seg, sitk.ReadImage(str(rp_out / "warped_seg.nii.gz")), labels)
 
-    report = register_files(
-        brain["fixed"], brain["moving"], solver, tmp_path, moving_seg=brain["moving_seg"],
-        options=RegistrationOptions(iterstop="official"),
-    )
-    iirp = mean_dice(fixed_seg, sitk.ReadImage(str(tmp_path / "warped_seg.nii.gz")), labels)
+    out, report = canonical_official
+    iirp = mean_dice(fixed_seg, sitk.ReadImage(str(out / "warped_seg.nii.gz")), labels)
     print(f"Dice affine-only {affine_only:.4f}  rpnet {rpnet:.4f}  official {iirp:.4f} {report['iterations']}")
     assert rpnet > 0.60
     assert iirp > rpnet + 0.003
@@ -99,8 +123,9 @@ def _restore_elsewhere(image: sitk.Image) -> sitk.Image:
 
 
 def test_result_does_not_depend_on_the_fixed_layout(
-    solver: TorchSolver, brain: dict[str, Path], canonical_rpnet, tmp_path: Path
+    ort_solver, brain: dict[str, Path], canonical_rpnet, tmp_path: Path
 ) -> None:
+    """Geometry, not the engine, is under test: the onnxruntime engine (checked against the reference below) runs it."""
     fixed = sitk.ReadImage(str(brain["fixed"]))
     fixed_seg = sitk.ReadImage(str(brain["fixed_seg"]))
     restored, restored_seg = _restore_elsewhere(fixed), _restore_elsewhere(fixed_seg)
@@ -113,7 +138,7 @@ def test_result_does_not_depend_on_the_fixed_layout(
     sitk.WriteImage(restored, str(stored / "fixed.nrrd"))
     out = tmp_path / "out"
     register_files(
-        stored / "fixed.nrrd", brain["moving"], solver, out, moving_seg=brain["moving_seg"],
+        stored / "fixed.nrrd", brain["moving"], ort_solver, out, moving_seg=brain["moving_seg"],
         options=RegistrationOptions(iterstop="rpnet"),
     )
     for name in ("warped.nii.gz", "displacement.nii.gz", "warped_seg.nii.gz"):
@@ -127,7 +152,7 @@ def test_result_does_not_depend_on_the_fixed_layout(
     assert abs(relayout - canonical) < 0.01
 
 
-def test_native_scans_with_affine(solver: TorchSolver, shared_data: Path, tmp_path: Path) -> None:
+def test_native_scans_with_affine(ort_solver, shared_data: Path, tmp_path: Path) -> None:
     d = shared_data / "native"
     fixed_path, moving_path = d / "LPBA40_S05_native.nii.gz", d / "LPBA40_S20_native.nii.gz"
     fixed_seg = sitk.ReadImage(str(d / "LPBA40_S05_native_labels.nii.gz"))
@@ -137,8 +162,8 @@ def test_native_scans_with_affine(solver: TorchSolver, shared_data: Path, tmp_pa
     assert identity < 0.1
 
     report = register_files(
-        fixed_path, moving_path, solver, tmp_path, moving_seg=d / "LPBA40_S20_native_labels.nii.gz",
-        options=RegistrationOptions(iterstop="official", affine=True),
+        fixed_path, moving_path, ort_solver, tmp_path, moving_seg=d / "LPBA40_S20_native_labels.nii.gz",
+        options=RegistrationOptions(iterstop="rpnet", affine=True),  # the geometry is under test; rpnet is cheaper
     )
     assert report["model_grid"]["voxel_for_voxel"] is False
     assert report["pre_alignment"] == "affine"
@@ -164,8 +189,66 @@ def test_native_scans_with_affine(solver: TorchSolver, shared_data: Path, tmp_pa
     assert diff <= 1e-3 * span
 
     dice = mean_dice(fixed_seg, warped_seg, labels)
-    print(f"native: identity Dice {identity:.4f}, IIRP-Net with --affine {dice:.4f}, {report['iterations']}")
+    print(f"native: identity Dice {identity:.4f}, RP-Net with --affine {dice:.4f}, {report['iterations']}")
     assert dice >= 0.55
     assert ModelGrid(**{k: tuple(v) for k, v in report["model_grid"].items() if k != "voxel_for_voxel"}).size == (
         160, 192, 160,
     )
+
+
+def test_released_checkpoint_exports_at_full_size(shared_data: Path, exported: Path) -> None:
+    """Manifest of the released checkpoint's export; parity on the two coarse estimators.
+
+    The full-resolution stages take minutes in PyTorch on two cores (``iirp-export`` verifies
+    them all by default); the pipeline test below covers them end to end.
+    """
+    import onnxruntime as ort
+    import torch
+
+    from iirp.export import FP32_TOLERANCE
+    from iirp.manifest import Manifest, sha256_file
+    from iirp.model import load_checkpoint
+
+    size = (160, 192, 160)
+    ckpt = shared_data / "mindboggle" / "mind.pt"
+    manifest = Manifest.load(exported)
+    manifest.verify_files(exported)
+    assert manifest.source_sha256 == sha256_file(ckpt)
+    assert manifest.size == size and manifest.model["n_parameters"] == 419_964 and manifest.model["n_resblocks"] == 2
+    assert manifest.stages["flow_estimator_1"].outputs[0].shape == [1, 3, *size]
+
+    net = load_checkpoint(ckpt)[0]
+    rng = np.random.default_rng(0)
+    for level, channels in ((4, 32), (3, 32)):
+        dims = tuple(s // 2 ** (level - 1) for s in size)
+        moving, fixed = (rng.random((1, channels, *dims), dtype=np.float32) for _ in range(2))
+        session = ort.InferenceSession(str(exported / f"flow_estimator_{level}.onnx"), providers=["CPUExecutionProvider"])
+        got = session.run(None, {"moving_features": moving, "fixed_features": fixed})[0]
+        with torch.inference_mode():
+            ref = net.estimator(level)(torch.from_numpy(moving), torch.from_numpy(fixed)).numpy()
+        assert got.shape == (1, 3, *dims)
+        assert float(np.abs(got - ref).max()) <= FP32_TOLERANCE.limit(float(np.abs(ref).max()))
+
+
+def test_onnxruntime_engine_matches_the_reference(
+    brain: dict[str, Path], canonical_official, ort_solver, tmp_path: Path
+) -> None:
+    ref_out, ref_report = canonical_official
+    report = register_files(
+        brain["fixed"], brain["moving"], ort_solver, tmp_path, moving_seg=brain["moving_seg"],
+        options=RegistrationOptions(iterstop="official"),
+    )
+    assert report["engine"] == "ort"
+    assert report["iterations"] == ref_report["iterations"]
+    assert report["estimator_passes"] == ref_report["estimator_passes"]
+    # 1 mm RAS grid: the field in mm differs from the flow in voxels only by axis signs
+    ref_field = sitk.GetArrayFromImage(sitk.ReadImage(str(ref_out / "displacement.nii.gz")))
+    field = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "displacement.nii.gz")))
+    flow_error = float(np.abs(field - ref_field).max())
+    fixed_seg = sitk.ReadImage(str(brain["fixed_seg"]))
+    labels = shared_labels(fixed_seg, sitk.ReadImage(str(brain["moving_seg"])))
+    ref_dice = mean_dice(fixed_seg, sitk.ReadImage(str(ref_out / "warped_seg.nii.gz")), labels)
+    dice = mean_dice(fixed_seg, sitk.ReadImage(str(tmp_path / "warped_seg.nii.gz")), labels)
+    print(f"ort vs torch: max flow error {flow_error:.2e} voxel, Dice {dice:.5f} vs {ref_dice:.5f}")
+    assert flow_error < 1e-3
+    assert abs(dice - ref_dice) < 0.001

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from iirp.errors import IirpError
+from iirp.manifest import ManifestMismatchError, TensorSpec
 from iirp.runtime.engines.base import Backend, register_backend
 
 __all__ = ["OrtBackend"]
@@ -38,6 +39,8 @@ class OrtBackend(Backend):
             self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as err:  # onnxruntime raises its own exception types
             raise IirpError(f"onnxruntime cannot load {path}: {str(err).splitlines()[0]}") from err
+        _check_io(path, "input", self.spec.inputs, self.session.get_inputs())
+        _check_io(path, "output", self.spec.outputs, self.session.get_outputs())
         self.output_names = [t.name for t in self.spec.outputs]
 
     def _release(self) -> None:
@@ -53,3 +56,28 @@ class OrtBackend(Backend):
             binding.bind_output(name, "cuda", int(self.device.partition(":")[2] or 0))
         self.session.run_with_iobinding(binding)
         return dict(zip(self.output_names, binding.copy_outputs_to_cpu()))
+
+
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int32)": "int32"}
+
+
+def _check_io(path: object, kind: str, declared: list[TensorSpec], actual: list) -> None:
+    """Check the session's inputs or outputs against the manifest: names, dtypes, and every fixed dim.
+
+    Raises:
+        ManifestMismatchError: the file does not have the interface the manifest declares.
+    """
+    got = {a.name: a for a in actual}
+    if sorted(got) != sorted(t.name for t in declared):
+        raise ManifestMismatchError(
+            f"{path}: {kind}s {sorted(got)} differ from the manifest's {sorted(t.name for t in declared)}"
+        )
+    for spec in declared:
+        arg = got[spec.name]
+        dtype = _ORT_TYPES.get(arg.type, arg.type)
+        fixed = [(d, e) for d, e in zip(arg.shape, spec.shape) if isinstance(d, int) and isinstance(e, int)]
+        if dtype != spec.dtype or len(arg.shape) != len(spec.shape) or any(d != e for d, e in fixed):
+            raise ManifestMismatchError(
+                f"{path}: {kind} {spec.name!r} is {dtype} {list(arg.shape)}, "
+                f"the manifest says {spec.dtype} {spec.shape}"
+            )

@@ -16,7 +16,7 @@ from iirp.errors import IirpError
 from iirp.manifest import ManifestMismatchError
 from iirp.runtime.engines.base import Backend, register_backend
 
-__all__ = ["TrtBackend", "current_gpu"]
+__all__ = ["TrtBackend", "check_built_for", "current_gpu"]
 
 
 def _cudart() -> Any:
@@ -45,6 +45,24 @@ def current_gpu(device_id: int = 0) -> dict[str, str]:
     return {"gpu_name": name.rstrip("\x00"), "compute_capability": f"{props.major}.{props.minor}"}
 
 
+def check_built_for(folder: object, built: dict[str, Any], gpu: dict[str, str], trt_version: str) -> None:
+    """Check that engines recorded as ``built`` (the manifest's ``tensorrt``) can run on ``gpu``.
+
+    TensorRT engines are specific to the compute capability and the TensorRT version
+    that built them; the name is reported but not compared (same-architecture cards share
+    engines).
+
+    Raises:
+        ManifestMismatchError: another compute capability or TensorRT version.
+    """
+    if gpu["compute_capability"] != built.get("compute_capability") or trt_version != built.get("tensorrt_version"):
+        raise ManifestMismatchError(
+            f"TensorRT engines in {folder} were built for {built.get('gpu_name')} "
+            f"(sm {built.get('compute_capability')}, TensorRT {built.get('tensorrt_version')}); this is "
+            f"{gpu['gpu_name']} (sm {gpu['compute_capability']}, TensorRT {trt_version}): re-export with --trt"
+        )
+
+
 @register_backend("trt")
 class TrtBackend(Backend):
     """One serialized TensorRT engine; host arrays in and out through device buffers on one stream."""
@@ -58,15 +76,7 @@ class TrtBackend(Backend):
         if not built or not self.spec.engine_file:
             raise ManifestMismatchError(f"engine folder {self.folder} has no TensorRT engines (export with --trt)")
         device_id = int(self.device.partition(":")[2] or 0)
-        gpu = current_gpu(device_id)
-        if gpu["compute_capability"] != built.get("compute_capability") or trt.__version__ != built.get(
-            "tensorrt_version"
-        ):
-            raise ManifestMismatchError(
-                f"TensorRT engines in {self.folder} were built for {built.get('gpu_name')} "
-                f"(sm {built.get('compute_capability')}, TensorRT {built.get('tensorrt_version')}); this is "
-                f"{gpu['gpu_name']} (sm {gpu['compute_capability']}, TensorRT {trt.__version__}): re-export with --trt"
-            )
+        check_built_for(self.folder, built, current_gpu(device_id), trt.__version__)
         self.cudart = _cudart()
         _check(self.cudart.cudaSetDevice(device_id))
         self.logger = trt.Logger(trt.Logger.WARNING)
