@@ -1,12 +1,44 @@
-"""Engines, the IterStop pipeline, image geometry and I/O (no torch needed)."""
+"""Engines, the IterStop pipeline, image geometry and I/O (no torch needed).
+
+The SimpleITK-dependent names (geometry, ``prepare_pair``, ``register_files``...)
+are imported on first access (PEP 562), so ``import iirp.runtime.pipeline`` and
+``import iirp.runtime.gpu_pipeline`` work on a machine without SimpleITK.
+"""
 
 from __future__ import annotations
 
-from iirp.runtime.geometry import MODEL_ORIENTATION, ModelGrid
-from iirp.runtime.register import PreparedPair, RegistrationOptions, prepare_pair, register_files
-from iirp.runtime.solvers import SOLVERS, FlowSolver, TorchSolver, make_solver
+from importlib import import_module
+from typing import Any
+
+#: public name -> submodule that defines it (imported on first attribute access).
+_LAZY = {
+    "MODEL_ORIENTATION": "iirp.runtime.geometry",
+    "ModelGrid": "iirp.runtime.geometry",
+    "PreparedPair": "iirp.runtime.register",
+    "RegistrationOptions": "iirp.runtime.register",
+    "prepare_pair": "iirp.runtime.register",
+    "register_files": "iirp.runtime.register",
+    "SOLVERS": "iirp.runtime.solvers",
+    "FlowSolver": "iirp.runtime.solvers",
+    "TorchSolver": "iirp.runtime.solvers",
+    "make_solver": "iirp.runtime.solvers",
+    "CudaSolver": "iirp.runtime.gpu_pipeline",
+}
 
 __all__ = [
     "MODEL_ORIENTATION", "ModelGrid", "PreparedPair", "RegistrationOptions", "prepare_pair",
-    "register_files", "SOLVERS", "FlowSolver", "TorchSolver", "make_solver",
+    "register_files", "SOLVERS", "FlowSolver", "TorchSolver", "make_solver", "CudaSolver",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'iirp.runtime' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -7,6 +7,8 @@ it is built, so the rest of the runtime never needs torch.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Callable, Protocol
 
 import numpy as np
@@ -83,16 +85,23 @@ def make_solver(
     """Build a solver: the PyTorch reference from a checkpoint, or ``engine`` over an exported folder.
 
     Args:
-        engine: ``torch`` (reference loop with a checkpoint; the torch stages with ``engines``),
-            ``ort`` or ``trt`` (need ``engines``).
+        engine: ``torch`` (reference loop with a checkpoint; the torch stages with ``engines``; on
+            ``cuda`` both run the GPU pipeline, :mod:`iirp.runtime.gpu_pipeline`), ``ort`` or ``trt``
+            (need ``engines``; their pipeline stays on the host).
         checkpoint: an RP-Net checkpoint, for ``--checkpoint`` runs.
         engines: an ``iirp-export`` folder, for ``--engines`` runs.
+        device: ``cpu`` or ``cuda[:N]``.
 
     Raises:
-        IirpError: neither or both sources, unknown engine, or the solver cannot be built.
+        IirpError: neither or both sources, unknown engine or device, or the solver cannot be built
+            (``CudaUnavailableError`` when ``cuda`` is asked for and there is no device).
     """
     if (checkpoint is None) == (engines is None):
         raise IirpError("give exactly one of --checkpoint CKPT or --engines DIR")
+    if not (device == "cpu" or device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise IirpError(f"make_solver(): device must be 'cpu' or 'cuda[:N]', got {device!r}")
+    if device != "cpu" and engine == "torch":
+        return _cuda_solver(checkpoint, engines, device)
     if engines is not None:
         from iirp.runtime.pipeline import EngineSolver
 
@@ -101,3 +110,28 @@ def make_solver(
         raise IirpError(f"engine {engine!r} needs --engines DIR (an iirp-export folder); with --checkpoint use torch")
     assert checkpoint is not None
     return SOLVERS[engine](checkpoint, device)
+
+
+def _cuda_solver(checkpoint: PathLike | None, engines: PathLike | None, device: str) -> FlowSolver:
+    """The GPU pipeline (:class:`~iirp.runtime.gpu_pipeline.CudaSolver`) with the cuDNN engine.
+
+    With ``engines``, the network is the folder's source checkpoint (sha256 checked) in the
+    folder's precision on its model grid; with ``checkpoint``, that checkpoint in fp32.
+    """
+    from iirp.runtime.gpu_pipeline import CudaSolver, cuda_device
+
+    cuda_device("make_solver()", device)  # a missing GPU is one line, before anything is loaded
+    if engines is None:
+        assert checkpoint is not None
+        return CudaSolver(checkpoint, device)
+    from iirp.manifest import Manifest, ManifestMismatchError, sha256_file
+
+    manifest = Manifest.load(Path(os.fspath(engines)))
+    source = manifest.source_path
+    if not source or not os.path.isfile(source):
+        raise ManifestMismatchError(f"engine 'torch' needs the source checkpoint {source!r}, which is missing")
+    if sha256_file(source) != manifest.source_sha256:
+        raise ManifestMismatchError(
+            f"checkpoint {source} is not the one the engines were exported from (sha256 differs)"
+        )
+    return CudaSolver(source, device, precision=manifest.precision, size=manifest.size)
