@@ -147,3 +147,18 @@ __device__ __forceinline__ long long iirp_thread_index()
 {
     return (long long)blockIdx.x * (long long)blockDim.x + (long long)threadIdx.x;
 }
+
+// (x, y, z) of the flat index v of a C-contiguous (X, ny, nz) grid, z fastest; v < 2^31.
+struct iirp_voxel {
+    int x, y, z;
+};
+
+__device__ __forceinline__ iirp_voxel iirp_voxel_of(long long v, int ny, int nz)
+{
+    const int vi = (int)v;
+    iirp_voxel p;
+    p.z = vi % nz;
+    p.y = (vi / nz) % ny;
+    p.x = vi / (nz * ny);
+    return p;
+}

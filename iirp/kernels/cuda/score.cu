@@ -101,10 +101,10 @@ __global__ void __launch_bounds__(IIRP_SCORE_BLOCK) iirp_score_partials(
     double sbb = 0.0;
     double sab = 0.0;
     if (v < n) {  // no early return: every thread takes part in the block sum
-        const int vi = (int)v;
-        const int z = vi % nz;
-        const int y = (vi / nz) % ny;
-        const int x = vi / (nz * ny);
+        const iirp_voxel p = iirp_voxel_of(v, ny, nz);
+        const int x = p.x;
+        const int y = p.y;
+        const int z = p.z;
         const iirp_corners rx = iirp_resize_axis(x, cnx, nx);
         const iirp_corners ry = iirp_resize_axis(y, cny, ny);
         const iirp_corners rz = iirp_resize_axis(z, cnz, nz);

@@ -34,10 +34,10 @@ __global__ void __launch_bounds__(256) iirp_upsample(const float* __restrict__ f
         out[2 * n_out + v] = flow[2 * n_in + v];
         return;
     }
-    const int vi = (int)v;
-    const int z = vi % oz;
-    const int y = (vi / oz) % oy;
-    const int x = vi / (oz * oy);
+    const iirp_voxel p = iirp_voxel_of(v, oy, oz);
+    const int x = p.x;
+    const int y = p.y;
+    const int z = p.z;
     const iirp_corners cx = iirp_resize_axis(x, nx, ox);
     const iirp_corners cy = iirp_resize_axis(y, ny, oy);
     const iirp_corners cz = iirp_resize_axis(z, nz, oz);

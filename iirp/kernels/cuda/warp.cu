@@ -25,10 +25,10 @@ __global__ void __launch_bounds__(256) iirp_warp(const T* __restrict__ src, cons
     if (v >= n) {
         return;
     }
-    const int vi = (int)v;
-    const int z = vi % nz;
-    const int y = (vi / nz) % ny;
-    const int x = vi / (nz * ny);
+    const iirp_voxel p = iirp_voxel_of(v, ny, nz);
+    const int x = p.x;
+    const int y = p.y;
+    const int z = p.z;
     const float px = (float)x + flow[v];
     const float py = (float)y + flow[n + v];
     const float pz = (float)z + flow[2 * n + v];
@@ -57,10 +57,10 @@ __global__ void __launch_bounds__(256) iirp_compose(const float* __restrict__ ph
     if (v >= n) {
         return;
     }
-    const int vi = (int)v;
-    const int z = vi % nz;
-    const int y = (vi / nz) % ny;
-    const int x = vi / (nz * ny);
+    const iirp_voxel p = iirp_voxel_of(v, ny, nz);
+    const int x = p.x;
+    const int y = p.y;
+    const int z = p.z;
     const float d0 = du[v];
     const float d1 = du[n + v];
     const float d2 = du[2 * n + v];
@@ -108,10 +108,10 @@ __global__ void __launch_bounds__(256) iirp_warp_nearest(const L* __restrict__ l
     if (v >= n) {
         return;
     }
-    const int vi = (int)v;
-    const int z = vi % nz;
-    const int y = (vi / nz) % ny;
-    const int x = vi / (nz * ny);
+    const iirp_voxel p = iirp_voxel_of(v, ny, nz);
+    const int x = p.x;
+    const int y = p.y;
+    const int z = p.z;
     const int i = iirp_nearest_index((float)x + flow[v], nx);
     const int j = iirp_nearest_index((float)y + flow[n + v], ny);
     const int k = iirp_nearest_index((float)z + flow[2 * n + v], nz);
