@@ -3,7 +3,8 @@
 The model grid is anisotropic, (16, 24, 32), so a swapped axis anywhere shows up as a shape
 error. A dynamo export of the five stages costs over a minute on a small CPU (torchscript:
 a few seconds), so the three exports (fp32 static, fp16 static, fp32 dynamic) are
-session-scoped and shared, and only the fp32 one goes through the default (dynamo) path.
+session-scoped and shared and use the torchscript exporter; the dynamo exporter is tested on
+one stage (test_export_fp32.py::test_dynamo_exporter_on_one_stage).
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ def _export(tiny: Tiny, name: str, **kw: object) -> Exported:
 
 @pytest.fixture(scope="session")
 def fp32_export(tiny: Tiny) -> Exported:
-    """Static fp32, default exporter (dynamo), verified on random input and the blob pair."""
-    return _export(tiny, "fp32", verify_pair=(tiny.fixed, tiny.moving))
+    """Static fp32, torchscript exporter, verified on random input and the blob pair."""
+    return _export(tiny, "fp32", verify_pair=(tiny.fixed, tiny.moving), exporter="torchscript")
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import onnx
 import pytest
-from export_support import SIZE, STAGE_FILES, Exported, Tiny, stage_pairs
+from export_support import SIZE, STAGE_FILES, Exported, Tiny, ort_run, stage_pairs
 
 import iirp
 from iirp.export import DEFAULT_OPSET, FP32_TOLERANCE
@@ -68,7 +68,7 @@ def test_manifest_hashes_and_contents(fp32_export: Exported, tiny: Tiny) -> None
     assert manifest.dynamic is False and manifest.dynamic_range is None
     assert manifest.intensity == "minmax"
     assert manifest.iterstop == {"rule": "official", "delta": 0.005, "max_iters": 10}
-    assert manifest.exporter["method"] == "dynamo"
+    assert manifest.exporter["method"] == "torchscript"
     assert "dynamo_error" not in manifest.exporter
     for lib in ("torch", "onnx", "onnxruntime"):
         assert manifest.exporter[lib]
@@ -126,3 +126,30 @@ def test_static_manifest_checks_input_shape(fp32_export: Exported) -> None:
     fp32_export.manifest.check_input_shape(SIZE)
     with pytest.raises(ManifestMismatchError, match=r"static shape \(16, 24, 32\), got \(32, 24, 16\)"):
         fp32_export.manifest.check_input_shape((32, 24, 16))
+
+
+def test_dynamo_exporter_on_one_stage(tiny_net, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The default (dynamo) exporter on the coarsest estimator: names, shapes and onnxruntime parity.
+
+    One stage keeps it to seconds; the ``auto`` fallback logic is tested in test_export_failures.py.
+    """
+    import torch
+
+    from iirp.export.onnx_export import export_stage
+    from iirp.export.stages import example_inputs, stage_io, stage_module
+    from iirp.model.rpnet import level_channels
+
+    stage = "flow_estimator_4"
+    io = stage_io(level_channels(8)[0], SIZE)[stage]
+    args = example_inputs(io, SIZE)
+    path = tmp_path / f"{stage}.onnx"
+    export_stage(stage_module(tiny_net, stage), args, path, io, opset=DEFAULT_OPSET, method="dynamo")
+    inputs, outputs = _graph_io(path)
+    assert [name for name, _, _ in inputs] == ["moving_features", "fixed_features"]
+    assert [name for name, _, _ in outputs] == ["flow"]
+    feeds = {"moving_features": args[0].numpy(), "fixed_features": args[1].numpy()}
+    got = ort_run(path, feeds)[0]
+    with torch.inference_mode():
+        ref = stage_module(tiny_net, stage)(*args).numpy()
+    assert got.shape == ref.shape == (1, 3, 2, 3, 4)
+    assert float(np.abs(got - ref).max()) <= FP32_TOLERANCE.limit(float(np.abs(ref).max()))
