@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,3 +18,13 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "mindboggle" / "mind.pt").is_file():
         pytest.skip(f"real data not found at {SHARED_DATA} (set IIRP_SHARED_DATA)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def cuda_torch() -> Any:
+    """The torch module where a CUDA device and cuda.core are present; the test skips otherwise."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("cuda.core")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    return torch

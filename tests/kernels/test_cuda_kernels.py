@@ -33,13 +33,9 @@ SHAPES = [(5, 6, 7), (1, 4, 9), (7, 1, 5), (9, 8, 2)]
 
 
 @pytest.fixture(scope="module")
-def torch() -> Any:
-    """The torch module, with a CUDA device and cuda.core; skips otherwise."""
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("cuda.core")
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    return torch
+def torch(cuda_torch: Any) -> Any:
+    """The torch module, with a CUDA device and cuda.core (tests/conftest.py); skips otherwise."""
+    return cuda_torch
 
 
 @pytest.fixture(scope="module")

@@ -220,15 +220,6 @@ def mean_dice(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray) 
 
 
 @pytest.fixture(scope="module")
-def cuda_torch() -> Any:
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("cuda.core")
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    return torch
-
-
-@pytest.fixture(scope="module")
 def lpba(cuda_torch: Any) -> dict[str, Any]:
     """The prepared LPBA40 pair (``benchmarks/prepare_device_inputs.py``); skips when absent."""
     npz = DEVICE_INPUTS / "lpba40_pair.npz"
