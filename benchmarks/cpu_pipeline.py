@@ -28,6 +28,7 @@ import SimpleITK as sitk  # noqa: E402
 from common import environment, markdown_table  # noqa: E402
 
 from iirp.iterstop import parse_iterstop  # noqa: E402
+from iirp.metrics import label_dice, shared_labels  # noqa: E402
 from iirp.runtime import RegistrationOptions, TorchSolver, prepare_pair, register_files  # noqa: E402
 from iirp.runtime.imageio import read_image  # noqa: E402
 from iirp.runtime.pipeline import EngineSolver  # noqa: E402
@@ -62,13 +63,8 @@ def _loadavg() -> str:
 
 def _mean_dice(fixed_seg: sitk.Image, warped_seg: sitk.Image, moving_seg: sitk.Image) -> float:
     """Mean Dice over the labels (> 0) both label maps share (SimpleITK LabelOverlapMeasures)."""
-    labels = [np.unique(sitk.GetArrayViewFromImage(seg)) for seg in (fixed_seg, moving_seg)]
-    shared = np.intersect1d(*labels)
-    ref, cand = sitk.Cast(fixed_seg, sitk.sitkInt32), sitk.Cast(warped_seg, sitk.sitkInt32)
-    cand.CopyInformation(ref)
-    overlap = sitk.LabelOverlapMeasuresImageFilter()
-    overlap.Execute(ref, cand)
-    return float(np.mean([overlap.GetDiceCoefficient(int(label)) for label in shared[shared > 0]]))
+    shared = shared_labels(sitk.GetArrayFromImage(fixed_seg), sitk.GetArrayFromImage(moving_seg))
+    return float(np.mean(list(label_dice(fixed_seg, warped_seg, shared).values())))
 
 
 def main() -> None:

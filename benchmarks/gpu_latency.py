@@ -45,6 +45,7 @@ import numpy as np  # noqa: E402
 from common import environment, markdown_table  # noqa: E402
 
 from iirp.iterstop import parse_iterstop  # noqa: E402
+from iirp.metrics import mean_dice_arrays  # noqa: E402
 
 BASE_SHAPE = (160, 192, 160)
 LARGE_SHAPE = (200, 240, 200)
@@ -65,14 +66,6 @@ def resample(torch: Any, volume: np.ndarray, shape: tuple[int, int, int]) -> np.
     x = torch.from_numpy(volume).cuda()[None, None]
     y = torch.nn.functional.interpolate(x, size=shape, mode="trilinear", align_corners=True)
     return y[0, 0].clamp(0.0, 1.0).cpu().numpy()
-
-
-def mean_dice(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray) -> float:
-    scores = []
-    for label in labels:
-        a, b = reference == label, candidate == label
-        scores.append(2.0 * np.logical_and(a, b).sum() / max(int(a.sum() + b.sum()), 1))
-    return float(np.mean(scores))
 
 
 def reference_runner(torch: Any, ckpt: Path, shape: tuple[int, int, int], moving: np.ndarray, fixed: np.ndarray,
@@ -235,7 +228,7 @@ def main() -> None:
 
     def dice_of(flow: np.ndarray) -> float:
         warped = cuda_ops.warp_labels(moving_seg, torch.from_numpy(np.ascontiguousarray(flow)).cuda())
-        return mean_dice(pair["fixed_seg"], warped.cpu().numpy(), labels)
+        return mean_dice_arrays(pair["fixed_seg"], warped.cpu().numpy(), labels)
 
     cpu = None
     if not args.no_cpu:

@@ -45,13 +45,16 @@ def _guarded(prog: str, verbose: bool, call: Callable[[], T]) -> T:
 @run_app.command(
     epilog=(
         "Without --affine or --initial-transform the moving image keeps its physical position: "
-        "the network assumes the pair is already affinely aligned."
+        "the network assumes the pair is already affinely aligned. "
+        "Cohort mode: --pairs CSV (columns fixed, moving, optional moving_seg, id) registers every pair "
+        "into OUT/<id>/ with the engines loaded once, writes OUT/summary.csv, skips a failing pair and "
+        "exits 1 at the end if any failed."
     )
 )
 def run(
-    fixed: Path = typer.Argument(..., help="Fixed image (any format SimpleITK reads)."),
-    moving: Path = typer.Argument(..., help="Moving image."),
-    out: Path = typer.Option(..., "-o", "--out", help="Output folder (created)."),
+    fixed: Optional[Path] = typer.Argument(None, help="Fixed image (any format SimpleITK reads)."),
+    moving: Optional[Path] = typer.Argument(None, help="Moving image."),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Output folder (created)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="RP-Net checkpoint (.pt): PyTorch reference."),
     engines: Optional[Path] = typer.Option(None, "--engines", help="Folder written by iirp-export."),
     engine: Optional[str] = typer.Option(
@@ -67,12 +70,27 @@ def run(
         None, "--initial-transform", help="ITK transform file (fixed -> moving) instead of --affine."
     ),
     intensity: str = typer.Option("minmax", "--intensity", help="minmax | percentile:LO,HI | window:LO,HI"),
+    qc: bool = typer.Option(False, "--qc", help="Also write qc.png (slices, checkerboard, grid, Jacobian)."),
+    pairs: Optional[Path] = typer.Option(None, "--pairs", help="CSV of pairs: cohort mode (see below)."),
+    demo: bool = typer.Option(False, "--demo", help="Register the built-in example pair (default -o iirp-demo)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     verbose: bool = typer.Option(False, "--verbose", help="Show tracebacks."),
 ) -> None:
     """Register MOVING to FIXED; write warped image, displacement field, labels and a report."""
-    from iirp.runtime import RegistrationOptions, make_solver, register_files
+    if demo:
+        if fixed is not None or moving is not None or pairs is not None or checkpoint or engines:
+            _fail("iirp-run", IirpError("--demo takes no images, --pairs, --checkpoint or --engines"), verbose)
+        _run_demo(out or Path("iirp-demo"), engine or "ort", verbose, as_json)
+        return
+    from iirp.runtime import RegistrationOptions, make_solver
 
+    if out is None:
+        _fail("iirp-run", IirpError("missing option -o/--out (the output folder)"), verbose)
+    if pairs is None and (fixed is None or moving is None):
+        _fail("iirp-run", IirpError("give FIXED and MOVING images, --pairs CSV or --demo"), verbose)
+    if pairs is not None and (fixed is not None or moving_seg is not None):
+        _fail("iirp-run", IirpError("--pairs takes its images (and moving_seg) from the CSV, not the command line"),
+              verbose)
     if (checkpoint is None) == (engines is None):
         _fail("iirp-run", IirpError("give exactly one of --checkpoint CKPT or --engines DIR"), verbose)
     if affine and initial_transform is not None:
@@ -82,7 +100,7 @@ def run(
         affine=affine, initial_transform=initial_transform,
     )
 
-    def _go() -> dict:
+    def _solver():  # type: ignore[no-untyped-def]
         from iirp.iterstop import parse_iterstop
         from iirp.runtime.imageio import check_output_dir
         from iirp.runtime.intensity import parse_intensity
@@ -91,21 +109,82 @@ def run(
         check_output_dir(out)
         parse_iterstop(iterstop, delta, max_iters)
         parse_intensity(intensity)
-        chosen = engine or ("ort" if engines is not None else "torch")
-        solver = make_solver(chosen, checkpoint=checkpoint, engines=engines, device=device)
-        return register_files(fixed, moving, solver, out, moving_seg=moving_seg, options=options)
+        return make_solver(engine or ("ort" if engines is not None else "torch"),
+                           checkpoint=checkpoint, engines=engines, device=device)
+
+    if pairs is not None:
+        _run_cohort(pairs, out, _solver, options, qc, verbose)
+        return
+
+    def _go() -> dict:
+        from iirp.runtime import register_files
+
+        solver = _solver()
+        return register_files(fixed, moving, solver, out, moving_seg=moving_seg, options=options, qc=qc)
 
     report = _guarded("iirp-run", verbose, _go)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
+    _print_report(report)
+
+
+def _print_report(report: dict) -> None:
     t = report["timings_ms"]
-    stages = ", ".join(f"{k} {v / 1e3:.1f}s" for k, v in t.items() if k != "total")
+    stages = ", ".join(f"{k} {v / 1e3:.1f}s" for k, v in t.items() if k not in ("total", "iirp"))
     typer.echo(f"iterations (levels 4..1): {report['iterations']}  estimator passes: {report['estimator_passes']}")
     typer.echo(f"folding fraction: {report['folding_fraction']:.5f}")
     typer.echo(f"time: {t['total'] / 1e3:.1f}s ({stages})")
     for name, path in report["outputs"].items():
         typer.echo(f"{name:>13}: {path}")
+
+
+def _run_cohort(pairs_csv: Path, out: Path, make: Callable[[], object], options: object, qc: bool,
+                verbose: bool) -> None:
+    """Cohort mode: progress bar over pairs, a line per failed pair, exit 1 if any failed."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from iirp.runtime.cohort import PairOutcome, register_cohort
+    from iirp.runtime.pairs import read_pairs
+
+    pair_list = _guarded("iirp-run", verbose, lambda: read_pairs(pairs_csv))
+    solver = _guarded("iirp-run", verbose, make)
+    err = Console(stderr=True)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=False) as bar:
+        task = bar.add_task("registering", total=len(pair_list))
+
+        def on_pair(index: int, outcome: PairOutcome) -> None:
+            if not outcome.ok:
+                bar.console.print(f"iirp-run: pair {outcome.pair.id} (row {outcome.pair.row}) failed: "
+                                  f"{outcome.error}", markup=False, highlight=False)
+            bar.update(task, advance=1, description=f"registering (last: {outcome.pair.id})")
+
+        summary = _guarded("iirp-run", verbose, lambda: register_cohort(
+            pair_list, solver, out, options=options, qc=qc, on_pair=on_pair))  # type: ignore[arg-type]
+    done = len(summary.outcomes) - len(summary.failed)
+    typer.echo(f"{done} of {len(summary.outcomes)} pairs registered; summary: {summary.summary_csv}")
+    if summary.failed:
+        typer.echo(f"iirp-run: {len(summary.failed)} pair(s) failed: "
+                   f"{', '.join(o.pair.id for o in summary.failed)}", err=True)
+        raise typer.Exit(1)
+
+
+def _run_demo(out: Path, engine: str, verbose: bool, as_json: bool) -> None:
+    """The built-in example (:func:`iirp.demo.run_demo`): prints what happened."""
+
+    def _go() -> dict:
+        from iirp.demo import run_demo
+
+        return run_demo(out, engine=engine, progress=True)
+
+    result = _guarded("iirp-run", verbose, _go)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2, default=str))
+        return
+    for line in result.get("summary_lines", []):
+        typer.echo(line)
 
 
 def _not_yet(prog: str) -> NoReturn:
@@ -155,13 +234,127 @@ def export(
                f" ({manifest.exporter.get('method', '?')} exporter){engines}")
 
 
-@bench_app.command()
-def bench() -> None:
-    """Latency and accuracy reports (not implemented yet)."""
-    _not_yet("iirp-bench")
+def _progress_steps(prog: str):  # type: ignore[no-untyped-def]
+    """A rich status line on stderr and the ``on_step`` callback that updates it."""
+    from rich.console import Console
+
+    status = Console(stderr=True).status(f"{prog}: starting")
+    return status, lambda text: status.update(f"{prog}: {text}")
 
 
-@train_app.command()
-def train() -> None:
-    """Train RP-Net (not implemented yet)."""
-    _not_yet("iirp-train")
+@bench_app.command(
+    "latency",
+    epilog="The PyTorch reference (the folder's source checkpoint) is always timed as the baseline, in the same run.",
+)
+def bench_latency(
+    engines: Path = typer.Option(..., "--engines", help="Folder written by iirp-export."),
+    engine: list[str] = typer.Option(["ort"], "--engine", help="Engine to time (repeatable): ort | trt | torch."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    shape: Optional[tuple[int, int, int]] = typer.Option(
+        None, "--shape", help="Model grid D H W (default: the folder's)."
+    ),
+    pair: Optional[tuple[Path, Path]] = typer.Option(None, "--pair", help="FIXED MOVING (default: the demo pair)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="The folder's source checkpoint, if moved."),
+    repeats: int = typer.Option(3, "--repeats", help="Timed runs per engine."),
+    warmup: int = typer.Option(1, "--warmup", help="Untimed runs per engine first."),
+    iterstop: str = typer.Option("official", "--iterstop", help="official | paper | rpnet | fixed:a,b,c,d"),
+    out: Path = typer.Option(..., "-o", "--out", help="Report folder: latency.md, latency.json, latency.png."),
+    verbose: bool = typer.Option(False, "--verbose", help="Show tracebacks."),
+) -> None:
+    """Latency per engine and per stage (median, p90, min), speedup over the reference, memory."""
+    from iirp.bench import latency_benchmark
+
+    status, step = _progress_steps("iirp-bench")
+    with status:
+        payload = _guarded("iirp-bench", verbose, lambda: latency_benchmark(
+            out, engines, engines=engine, device=device, checkpoint=checkpoint,
+            shape=shape if shape and None not in shape else None,
+            pair=pair if pair and None not in pair else None, repeats=repeats, warmup=warmup, iterstop=iterstop,
+            on_step=step))
+    for e in payload["engines"]:
+        speed = "baseline" if e["baseline"] else f"{e['speedup_vs_reference']:.2f}x"
+        typer.echo(f"{e['engine']:>14}: median {e['median_ms'] / 1e3:.3f} s ({speed}), iterations {e['iterations']}")
+    typer.echo(f"wrote {out / 'latency.md'}, latency.json, latency.png")
+
+
+@bench_app.command("accuracy")
+def bench_accuracy(
+    pairs: Path = typer.Option(..., "--pairs", help="CSV: fixed, moving, fixed_seg, moving_seg[, labels, id]."),
+    engines: Optional[Path] = typer.Option(None, "--engines", help="Folder written by iirp-export."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="RP-Net checkpoint (PyTorch reference)."),
+    engine: Optional[str] = typer.Option(None, "--engine", help="torch | ort | trt (default: ort / torch)."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    methods: str = typer.Option("identity,rpnet,official", "--methods",
+                                help="Comma-separated: identity (affine only), rpnet, official, paper, fixed:a,b,c,d."),
+    intensity: str = typer.Option("minmax", "--intensity", help="minmax | percentile:LO,HI | window:LO,HI"),
+    affine: bool = typer.Option(False, "--affine", help="Rigid-then-affine pre-alignment first."),
+    qc: bool = typer.Option(False, "--qc", help="Also write qc/<pair>_<method>.png."),
+    out: Path = typer.Option(..., "-o", "--out", help="Report folder: accuracy.md, accuracy.json, accuracy_dice.png."),
+    verbose: bool = typer.Option(False, "--verbose", help="Show tracebacks."),
+) -> None:
+    """Dice, HD95, folding, SDlogJ, MSE, NCC, iterations and time per pair and method."""
+    from iirp.bench import accuracy_benchmark
+    from iirp.runtime.register import RegistrationOptions
+
+    if (checkpoint is None) == (engines is None):
+        _fail("iirp-bench", IirpError("give exactly one of --checkpoint CKPT or --engines DIR"), verbose)
+    status, step = _progress_steps("iirp-bench")
+    with status:
+        payload = _guarded("iirp-bench", verbose, lambda: accuracy_benchmark(
+            out, pairs, engines_dir=engines, checkpoint=checkpoint, engine=engine, device=device, methods=methods,
+            options=RegistrationOptions(intensity=intensity, affine=affine), qc=qc, on_step=step))
+    for method, s in payload["summary"].items():
+        typer.echo(f"{method:>12}: Dice {s['dice_mean']:.4f} ± {s['dice_std']:.4f}, HD95 {s['hd95_mm_mean']:.3f} mm, "
+                   f"folding {100 * s['folding_fraction_mean']:.4f} %")
+    typer.echo(f"wrote {out / 'accuracy.md'}, accuracy.json, accuracy_dice.png")
+
+
+@train_app.command(
+    epilog=(
+        "Loss: -local NCC (window^3) of the warped moving image and the fixed image + lambda * diffusion. "
+        "Writes latest.pt and best.pt (released format), resume.pt and log.csv in OUT; "
+        "--resume continues a run bit for bit (CPU)."
+    )
+)
+def train(
+    data: Path = typer.Argument(..., help="Folder of volumes, a CSV listing them, or one volume."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output folder (created)."),
+    shape: Optional[tuple[int, int, int]] = typer.Option(
+        None, "--shape", help="Model grid D H W (multiples of 8); default: the --init checkpoint's, else 160 192 160."
+    ),
+    spacing: float = typer.Option(1.0, "--spacing", help="Model grid spacing in mm."),
+    steps: int = typer.Option(1000, "--steps", help="Total steps (a resumed run continues up to it)."),
+    lr: float = typer.Option(1e-4, "--lr", help="Adam learning rate."),
+    lam: float = typer.Option(1.0, "--lambda", help="Weight of the diffusion term."),
+    window: int = typer.Option(9, "--window", help="Local NCC window (voxels)."),
+    resblocks: Optional[int] = typer.Option(None, "--resblocks", help="ResBlocks per estimator (default 2)."),
+    init: Optional[Path] = typer.Option(None, "--init", help="Released checkpoint to fine-tune."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in OUT."),
+    val: Optional[Path] = typer.Option(None, "--val", help="CSV: fixed, moving, fixed_seg, moving_seg."),
+    val_every: int = typer.Option(100, "--val-every", help="Validate and checkpoint every N steps."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the weights and the pair sampler."),
+    synthetic: bool = typer.Option(False, "--synthetic", help="Pairs by random smooth deformation of each volume."),
+    max_disp: float = typer.Option(4.0, "--max-disp", help="Synthetic deformation bound (voxels)."),
+    flip: bool = typer.Option(False, "--flip/--no-flip", help="Random flips of each pair."),
+    jitter: float = typer.Option(0.0, "--jitter", help="Random gamma exp(U(-F, F)) per image."),
+    crop: Optional[tuple[int, int, int]] = typer.Option(None, "--crop", help="Train on random D H W windows."),
+    intensity: str = typer.Option("minmax", "--intensity", help="minmax | percentile:LO,HI | window:LO,HI"),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    verbose: bool = typer.Option(False, "--verbose", help="Show tracebacks."),
+) -> None:
+    """Train RP-Net without labels on pairs from DATA; write checkpoints to OUT."""
+
+    def _go() -> dict:
+        from iirp.model import training
+
+        return training.train(training.TrainConfig(
+            data, out, shape=shape if shape and None not in shape else None, spacing=spacing, steps=steps, lr=lr,
+            lam=lam, window=window, resblocks=resblocks, init=init, resume=resume, val=val, val_every=val_every,
+            seed=seed, synthetic=synthetic, flip=flip, jitter=jitter, max_displacement=max_disp,
+            crop=crop if crop and None not in crop else None, intensity=intensity, device=device,
+        ))
+
+    summary = _guarded("iirp-train", verbose, _go)
+    typer.echo(f"trained to step {summary['steps']} (from {summary['resumed_from']}): "
+               f"best {summary['best_metric']} {summary['best']:.5f}, {summary['seconds']:.0f} s")
+    typer.echo(f"wrote {summary['outputs']['best']}, {summary['outputs']['latest']}, {summary['outputs']['log']}")

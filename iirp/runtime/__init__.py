@@ -18,6 +18,9 @@ _LAZY = {
     "RegistrationOptions": "iirp.runtime.register",
     "prepare_pair": "iirp.runtime.register",
     "register_files": "iirp.runtime.register",
+    "register_images": "iirp.runtime.register",
+    "write_registration": "iirp.runtime.register",
+    "Registration": "iirp.runtime.register",
     "SOLVERS": "iirp.runtime.solvers",
     "FlowSolver": "iirp.runtime.solvers",
     "TorchSolver": "iirp.runtime.solvers",
@@ -27,7 +30,8 @@ _LAZY = {
 
 __all__ = [
     "MODEL_ORIENTATION", "ModelGrid", "PreparedPair", "RegistrationOptions", "prepare_pair",
-    "register_files", "SOLVERS", "FlowSolver", "TorchSolver", "make_solver", "CudaSolver",
+    "register_files", "register_images", "write_registration", "Registration",
+    "SOLVERS", "FlowSolver", "TorchSolver", "make_solver", "CudaSolver",
 ]
 
 

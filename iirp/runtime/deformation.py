@@ -20,6 +20,7 @@ __all__ = [
     "flow_to_physical",
     "displacement_field",
     "apply_field",
+    "jacobian_determinant",
     "folding_fraction",
 ]
 
@@ -77,16 +78,23 @@ def apply_field(moving: sitk.Image, fixed: sitk.Image, field: sitk.Image, labels
     return sitk.Resample(moving, fixed, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
 
 
-def folding_fraction(field: sitk.Image) -> float:
-    """Share of voxels whose Jacobian determinant of ``x -> x + u(x)`` (physical, mm) is <= 0.
+def jacobian_determinant(field: sitk.Image) -> sitk.Image:
+    """Jacobian determinant of ``x -> x + u(x)`` for an ITK displacement field (physical, mm).
 
     SimpleITK's Jacobian filter differentiates along index axes (scaled by
     spacing) and ignores the direction matrix D, so the vectors are first
     rotated into the index frame: det(I + D^T grad(u) D) = det(I + grad(u)).
+
+    Returns:
+        A float64 scalar image on the field's grid (1 = volume kept, <= 0 = folding).
     """
     direction = ModelGrid.of(field).direction_matrix()
     vectors = sitk.GetArrayViewFromImage(field).astype(np.float64) @ direction  # per voxel: D^T u
     in_index_frame = sitk.GetImageFromArray(vectors, isVector=True)
     in_index_frame.CopyInformation(field)
-    jacobian = sitk.DisplacementFieldJacobianDeterminant(in_index_frame)
-    return float((sitk.GetArrayViewFromImage(jacobian) <= 0).mean())
+    return sitk.Cast(sitk.DisplacementFieldJacobianDeterminant(in_index_frame), sitk.sitkFloat64)
+
+
+def folding_fraction(field: sitk.Image) -> float:
+    """Share of voxels whose Jacobian determinant (:func:`jacobian_determinant`) is <= 0."""
+    return float((sitk.GetArrayFromImage(jacobian_determinant(field)) <= 0).mean())

@@ -130,6 +130,7 @@ class EngineSolver:
         self.engine = engine
         self.device = device
         self.model_size = self.manifest.size
+        self.precision = self.manifest.precision
         self.source = str(self.folder)
         self.source_sha256 = self.manifest.source_sha256
         self.stages = StageSet(self.manifest, self.folder, engine, device)

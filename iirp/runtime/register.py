@@ -33,7 +33,10 @@ from iirp.runtime.intensity import normalize, parse_intensity
 from iirp.runtime.solvers import FlowSolver
 from iirp.typing import PathLike
 
-__all__ = ["RegistrationOptions", "PreparedPair", "prepare_pair", "register_files"]
+__all__ = [
+    "RegistrationOptions", "PreparedPair", "Registration", "prepare_pair", "register_images", "register_files",
+    "write_registration",
+]
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,95 @@ def prepare_pair(
     return PreparedPair(fixed_array, moving_array, grid, voxel_for_voxel, pre_alignment)
 
 
+@dataclass
+class Registration:
+    """One registration result, in memory, on the fixed image's own grid.
+
+    Attributes:
+        fixed: the fixed image as read (float32).
+        moving_before: the moving image on the fixed grid through the pre-alignment only
+            (identity when there is none): what "before deformable registration" looks like.
+        warped: the moving image through ``field`` (float32, linear).
+        field: ITK displacement field (float64 3-vectors, mm, LPS), pre-alignment included.
+        warped_seg: the moving labels through ``field`` (nearest neighbour), or None.
+        pre_alignment: fixed -> moving transform, or None.
+        report: what ``report.json`` holds (without ``outputs``).
+    """
+
+    fixed: sitk.Image
+    moving_before: sitk.Image
+    warped: sitk.Image
+    field: sitk.Image
+    warped_seg: Optional[sitk.Image]
+    pre_alignment: Optional[sitk.Transform]
+    report: dict[str, Any]
+
+
+def register_images(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    solver: FlowSolver,
+    *,
+    moving_seg: Optional[sitk.Image] = None,
+    options: RegistrationOptions = RegistrationOptions(),
+    names: tuple[str, str] = ("fixed image", "moving image"),
+    initial: Optional[sitk.Transform] = None,
+    timings_ms: Optional[dict[str, float]] = None,
+) -> Registration:
+    """Steps 2-6 above for images already read and validated (:func:`read_image`); writes nothing.
+
+    Args:
+        fixed, moving: float32 scalar 3D images.
+        solver: any :class:`FlowSolver`; its model grid decides the resampling.
+        moving_seg: integer label map on the moving image's grid, or None.
+        names: how error messages name the two images.
+        initial: an already read ``options.initial_transform``.
+        timings_ms: dict the stage times (ms) are added to.
+
+    Raises:
+        IirpError subclasses: see :func:`prepare_pair` and the solver.
+    """
+    timings = timings_ms if timings_ms is not None else {}
+    rule = parse_iterstop(options.iterstop, options.delta, options.max_iters)
+    pair = prepare_pair(fixed, moving, solver.model_size, options, timings, names=names, initial=initial)
+    trace = solver.solve(pair.moving, pair.fixed, rule)
+    timings.update(trace.timings_ms)
+
+    t0 = time.perf_counter()
+    field = displacement_field(trace.flow, pair.grid, fixed, pair.pre_alignment)
+    timings["field"] = (time.perf_counter() - t0) * 1e3
+    t0 = time.perf_counter()
+    warped = apply_field(moving, fixed, field)
+    warped_seg = apply_field(moving_seg, fixed, field, labels=True) if moving_seg is not None else None
+    timings["warp"] = (time.perf_counter() - t0) * 1e3
+    before = sitk.Resample(
+        moving, fixed, pair.pre_alignment or sitk.Transform(3, sitk.sitkIdentity), sitk.sitkLinear, 0.0,
+        sitk.sitkFloat32,
+    )
+    report: dict[str, Any] = {
+        "iirp_version": iirp.__version__,
+        "engine": solver.engine,
+        "precision": getattr(solver, "precision", "fp32"),
+        "device": solver.device,
+        "source": solver.source,
+        "source_sha256": solver.source_sha256,
+        "iterstop": rule.name,
+        "delta": rule.delta,
+        "max_iters": rule.max_iters,
+        "iterations": list(trace.iterations),
+        "estimator_passes": trace.estimator_passes,
+        "scores": trace.scores,
+        "folding_fraction": folding_fraction(field),
+        "intensity": options.intensity,
+        "pre_alignment": (
+            "initial_transform" if options.initial_transform is not None else "affine" if options.affine else None
+        ),
+        "model_grid": {**pair.grid.to_dict(), "voxel_for_voxel": pair.voxel_for_voxel},
+        "timings_ms": timings,
+    }
+    return Registration(fixed, before, warped, field, warped_seg, pair.pre_alignment, report)
+
+
 def register_files(
     fixed_path: PathLike,
     moving_path: PathLike,
@@ -140,13 +232,15 @@ def register_files(
     *,
     moving_seg: Optional[PathLike] = None,
     options: RegistrationOptions = RegistrationOptions(),
+    qc: bool = False,
 ) -> dict[str, Any]:
     """Register ``moving`` to ``fixed`` and write the outputs into ``out_dir``.
 
     Writes ``warped.nii.gz`` (float32, fixed grid), ``displacement.nii.gz`` (ITK
     displacement field, float32 3-vectors, mm, LPS, fixed grid),
     ``warped_seg.nii.gz`` (with ``moving_seg``), ``affine.tfm`` (with a
-    pre-alignment) and ``report.json``; all or nothing.
+    pre-alignment), ``qc.png`` (with ``qc``, :mod:`iirp.qc`) and ``report.json``;
+    all or nothing.
 
     Returns:
         The report (also written as ``report.json``).
@@ -157,7 +251,7 @@ def register_files(
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     check_output_dir(out_dir)
-    rule = parse_iterstop(options.iterstop, options.delta, options.max_iters)
+    parse_iterstop(options.iterstop, options.delta, options.max_iters)
     parse_intensity(options.intensity)
 
     t0 = time.perf_counter()
@@ -168,63 +262,67 @@ def register_files(
     timings["read"] = (time.perf_counter() - t0) * 1e3
 
     names = (f"fixed image {fixed_path}", f"moving image {moving_path}")
-    pair = prepare_pair(fixed, moving, solver.model_size, options, timings, names=names, initial=initial)
-    trace = solver.solve(pair.moving, pair.fixed, rule)
-    timings.update(trace.timings_ms)
-
-    t0 = time.perf_counter()
-    field = displacement_field(trace.flow, pair.grid, fixed, pair.pre_alignment)
-    timings["field"] = (time.perf_counter() - t0) * 1e3
-    t0 = time.perf_counter()
-    warped = apply_field(moving, fixed, field)
-    warped_seg = apply_field(seg, fixed, field, labels=True) if seg is not None else None
-    timings["warp"] = (time.perf_counter() - t0) * 1e3
-    folding = folding_fraction(field)
-
-    out = Path(os.fspath(out_dir))
-    outputs = {"warped": str(out / "warped.nii.gz"), "displacement": str(out / "displacement.nii.gz")}
-    if warped_seg is not None:
-        outputs["warped_seg"] = str(out / "warped_seg.nii.gz")
-    if pair.pre_alignment is not None:
-        outputs["affine"] = str(out / "affine.tfm")
-    outputs["report"] = str(out / "report.json")
-    report: dict[str, Any] = {
-        "iirp_version": iirp.__version__,
-        "engine": solver.engine,
-        "device": solver.device,
-        "source": solver.source,
-        "source_sha256": solver.source_sha256,
-        "iterstop": rule.name,
-        "delta": rule.delta,
-        "max_iters": rule.max_iters,
-        "iterations": list(trace.iterations),
-        "estimator_passes": trace.estimator_passes,
-        "scores": trace.scores,
-        "folding_fraction": folding,
-        "intensity": options.intensity,
-        "pre_alignment": (
-            "initial_transform" if options.initial_transform is not None else "affine" if options.affine else None
-        ),
-        "model_grid": {**pair.grid.to_dict(), "voxel_for_voxel": pair.voxel_for_voxel},
-        "inputs": {
-            "fixed": str(fixed_path),
-            "moving": str(moving_path),
-            "moving_seg": str(moving_seg) if moving_seg is not None else None,
-            "initial_transform": str(options.initial_transform) if options.initial_transform else None,
-        },
-        "outputs": outputs,
-        "timings_ms": timings,
+    result = register_images(
+        fixed, moving, solver, moving_seg=seg, options=options, names=names, initial=initial, timings_ms=timings
+    )
+    report = result.report
+    report["inputs"] = {
+        "fixed": str(fixed_path),
+        "moving": str(moving_path),
+        "moving_seg": str(moving_seg) if moving_seg is not None else None,
+        "initial_transform": str(options.initial_transform) if options.initial_transform else None,
     }
+    write_registration(result, out_dir, qc=qc, t_start=t_start)
+    return report
+
+
+def write_registration(
+    result: Registration, out_dir: PathLike, *, qc: bool = False, title: str = "", t_start: Optional[float] = None
+) -> dict[str, str]:
+    """Write ``result`` into ``out_dir`` (all or nothing) and record the paths in ``result.report["outputs"]``.
+
+    Args:
+        qc: also write ``qc.png`` (:func:`iirp.qc.write_qc_png`).
+        title: the QC picture's title (default: engine, rule and iterations).
+        t_start: ``time.perf_counter()`` at the start of the whole run, for ``timings_ms["total"]``.
+
+    Returns:
+        Output name -> path.
+    """
+    out = Path(os.fspath(out_dir))
+    report, timings = result.report, result.report["timings_ms"]
+    outputs = {"warped": str(out / "warped.nii.gz"), "displacement": str(out / "displacement.nii.gz")}
+    if result.warped_seg is not None:
+        outputs["warped_seg"] = str(out / "warped_seg.nii.gz")
+    if result.pre_alignment is not None:
+        outputs["affine"] = str(out / "affine.tfm")
+    if qc:
+        outputs["qc"] = str(out / "qc.png")
+    outputs["report"] = str(out / "report.json")
+    report["outputs"] = outputs
 
     t0 = time.perf_counter()
     with AtomicOutputDir(out_dir) as stage:
-        stage.write_image("warped.nii.gz", warped)
-        stage.write_image("displacement.nii.gz", sitk.Cast(field, sitk.sitkVectorFloat32))
-        if warped_seg is not None:
-            stage.write_image("warped_seg.nii.gz", warped_seg)
-        if pair.pre_alignment is not None:
-            stage.write_with("affine.tfm", lambda p: sitk.WriteTransform(pair.pre_alignment, p))
+        stage.write_image("warped.nii.gz", result.warped)
+        stage.write_image("displacement.nii.gz", sitk.Cast(result.field, sitk.sitkVectorFloat32))
+        if result.warped_seg is not None:
+            stage.write_image("warped_seg.nii.gz", result.warped_seg)
+        if result.pre_alignment is not None:
+            transform = result.pre_alignment
+            stage.write_with("affine.tfm", lambda p: sitk.WriteTransform(transform, p))
+        if qc:
+            from iirp.qc import write_qc_png
+
+            caption = title or (
+                f"{report['engine']} ({report['precision']}), IterStop {report['iterstop']}, "
+                f"iterations (levels 4..1) {report['iterations']}, folding {report['folding_fraction']:.5f}"
+            )
+            stage.write_with(
+                "qc.png",
+                lambda p: write_qc_png(p, result.fixed, result.moving_before, result.warped, result.field, caption),
+            )
         timings["write"] = (time.perf_counter() - t0) * 1e3
-        timings["total"] = (time.perf_counter() - t_start) * 1e3
+        if t_start is not None:
+            timings["total"] = (time.perf_counter() - t_start) * 1e3
         stage.write_json("report.json", report)
-    return report
+    return outputs

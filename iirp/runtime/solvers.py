@@ -51,6 +51,7 @@ class TorchSolver:
     """
 
     engine = "torch"
+    precision = "fp32"
 
     def __init__(self, checkpoint: PathLike, device: str = "cpu") -> None:
         try:

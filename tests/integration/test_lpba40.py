@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from iirp import metrics
+from iirp.metrics import label_dice
 from iirp.runtime import RegistrationOptions, TorchSolver, register_files
 from iirp.runtime.geometry import ModelGrid, orient, same_grid
 
@@ -24,20 +26,12 @@ pytestmark = pytest.mark.slow
 
 
 def mean_dice(reference: sitk.Image, candidate: sitk.Image, labels: np.ndarray) -> float:
-    """Mean Dice over ``labels`` with SimpleITK's label overlap filter (same grid)."""
-    ref = sitk.Cast(reference, sitk.sitkInt32)
-    cand = sitk.Cast(candidate, sitk.sitkInt32)
-    cand.CopyInformation(ref)
-    overlap = sitk.LabelOverlapMeasuresImageFilter()
-    overlap.Execute(ref, cand)
-    return float(np.mean([overlap.GetDiceCoefficient(int(label)) for label in labels]))
+    """Mean Dice over ``labels`` (:func:`iirp.metrics.label_dice`, SimpleITK's label overlap filter)."""
+    return float(np.mean(list(label_dice(reference, candidate, labels).values())))
 
 
 def shared_labels(a: sitk.Image, b: sitk.Image) -> np.ndarray:
-    la = np.unique(sitk.GetArrayViewFromImage(a))
-    lb = np.unique(sitk.GetArrayViewFromImage(b))
-    both = np.intersect1d(la, lb)
-    return both[both > 0]
+    return metrics.shared_labels(sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b))
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +59,9 @@ def _register_canonical(solver, brain: dict[str, Path], out: Path, rule: str):  
 
 
 @pytest.fixture(scope="module")
-def canonical_rpnet(solver: TorchSolver, brain: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
-    return _register_canonical(solver, brain, tmp_path_factory.mktemp("rpnet"), "rpnet")
+def canonical_rpnet(ort_solver, brain: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
+    """RP-Net on the onnxruntime engine (the engine is checked against the reference below)."""
+    return _register_canonical(ort_solver, brain, tmp_path_factory.mktemp("rpnet"), "rpnet")
 
 
 @pytest.fixture(scope="module")
@@ -122,13 +117,14 @@ def _restore_elsewhere(image: sitk.Image) -> sitk.Image:
     return sitk.Flip(permuted, [True, False, True])
 
 
-def test_result_does_not_depend_on_the_fixed_layout(
-    ort_solver, brain: dict[str, Path], canonical_rpnet, tmp_path: Path
-) -> None:
-    """Geometry, not the engine, is under test: the onnxruntime engine (checked against the reference below) runs it."""
+#: Only the coarsest estimator: the geometry is under test, not the network, and this keeps it cheap.
+LAYOUT_RULE = "fixed:1,0,0,0"
+
+
+def test_result_does_not_depend_on_the_fixed_layout(ort_solver, brain: dict[str, Path], tmp_path: Path) -> None:
+    """The same fixed image stored with permuted and flipped axes gives the same field, on its own grid."""
     fixed = sitk.ReadImage(str(brain["fixed"]))
-    fixed_seg = sitk.ReadImage(str(brain["fixed_seg"]))
-    restored, restored_seg = _restore_elsewhere(fixed), _restore_elsewhere(fixed_seg)
+    restored = _restore_elsewhere(fixed)
     assert not same_grid(restored, fixed) and restored.GetOrigin() != fixed.GetOrigin()
     # physically the same image: the voxel at a physical point is unchanged
     point = fixed.TransformIndexToPhysicalPoint((40, 100, 70))
@@ -136,20 +132,26 @@ def test_result_does_not_depend_on_the_fixed_layout(
     stored = tmp_path / "in"
     stored.mkdir()
     sitk.WriteImage(restored, str(stored / "fixed.nrrd"))
-    out = tmp_path / "out"
-    register_files(
-        stored / "fixed.nrrd", brain["moving"], ort_solver, out, moving_seg=brain["moving_seg"],
-        options=RegistrationOptions(iterstop="rpnet"),
-    )
+    outs = {"canonical": tmp_path / "canonical", "relayout": tmp_path / "relayout"}
+    for name, fixed_path in (("canonical", brain["fixed"]), ("relayout", stored / "fixed.nrrd")):
+        report = register_files(
+            fixed_path, brain["moving"], ort_solver, outs[name], moving_seg=brain["moving_seg"],
+            options=RegistrationOptions(iterstop=LAYOUT_RULE),
+        )
+        assert report["model_grid"]["voxel_for_voxel"] is True  # reorientation is lossless
     for name in ("warped.nii.gz", "displacement.nii.gz", "warped_seg.nii.gz"):
-        assert same_grid(sitk.ReadImage(str(out / name)), restored), name
+        assert same_grid(sitk.ReadImage(str(outs["relayout"] / name)), restored), name
 
-    labels = shared_labels(fixed_seg, sitk.ReadImage(str(brain["moving_seg"])))
-    warped_back = orient(sitk.ReadImage(str(out / "warped_seg.nii.gz")))
-    assert same_grid(warped_back, fixed_seg)
-    canonical = mean_dice(fixed_seg, sitk.ReadImage(str(canonical_rpnet[0] / "warped_seg.nii.gz")), labels)
-    relayout = mean_dice(orient(restored_seg), warped_back, labels)
-    assert abs(relayout - canonical) < 0.01
+    # back in the canonical layout, every output is the canonical run's (the field: up to float32 rounding)
+    canonical = {n: sitk.ReadImage(str(outs["canonical"] / n)) for n in ("displacement.nii.gz", "warped_seg.nii.gz")}
+    for name, image in canonical.items():
+        back = orient(sitk.ReadImage(str(outs["relayout"] / name)))
+        assert same_grid(back, image)
+        a, b = sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(image)
+        if name == "warped_seg.nii.gz":
+            assert np.mean(a != b) < 1e-4, name  # nearest-neighbour ties may break differently
+        else:
+            assert np.abs(a - b).max() < 1e-4, name
 
 
 def test_native_scans_with_affine(ort_solver, shared_data: Path, tmp_path: Path) -> None:

@@ -61,7 +61,10 @@ def test_register_arrays_reports_every_score(net: RPNet, pair) -> None:
     for slot in (1, 2, 3):
         n, scores = trace.iterations[slot], trace.scores[slot]
         assert len(scores) == n + (0 if n == 3 else 1)
-    assert set(trace.timings_ms) == {"features", "iterstop"}
+    stages = {"features", "kernels", "score"} | {f"estimator_{lv}" for lv in (1, 2, 3, 4)}
+    assert set(trace.timings_ms) == stages | {"iirp"}
+    # the stages are disjoint parts of the whole loop
+    assert sum(trace.timings_ms[s] for s in stages) <= trace.timings_ms["iirp"]
 
 
 def test_register_arrays_rejects_bad_shapes(net: RPNet) -> None:

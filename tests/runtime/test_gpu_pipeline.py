@@ -24,6 +24,7 @@ import pytest
 from iirp.errors import IirpError
 from iirp.iterstop import parse_iterstop
 from iirp.kernels.cuda_build import CudaUnavailableError
+from iirp.metrics import mean_dice_arrays
 
 REPO = Path(__file__).resolve().parents[2]
 DEVICE_INPUTS = Path(os.environ.get("IIRP_DEVICE_INPUTS", REPO / "benchmarks" / "device_inputs"))
@@ -197,7 +198,7 @@ def test_cuda_level_ops_glue_on_cpu(tiny_pair: dict[str, Any]) -> None:
 
     stages, moving, fixed = tiny_pair["stages"], tiny_pair["moving"], tiny_pair["fixed"]
     for spec in ("official", "paper", "fixed:2,1,1,1"):
-        rule = parse_iterstop(spec, delta=0.0)
+        rule = parse_iterstop(spec, delta=0.0, max_iters=3)  # delta 0: every level runs up to the cap
         ops = CudaLevelOps(stages, torch.from_numpy(moving), torch.from_numpy(fixed))
         ops.ops = _HostKernels(torch)
         trace = run_iterstop(ops, rule)
@@ -208,15 +209,6 @@ def test_cuda_level_ops_glue_on_cpu(tiny_pair: dict[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------- GPU
-
-
-def mean_dice(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray) -> float:
-    """Mean Dice over ``labels`` of two label maps of one shape (numpy)."""
-    scores = []
-    for label in labels:
-        a, b = reference == label, candidate == label
-        scores.append(2.0 * np.logical_and(a, b).sum() / max(int(a.sum() + b.sum()), 1))
-    return float(np.mean(scores))
 
 
 @pytest.fixture(scope="module")
@@ -280,8 +272,8 @@ def test_gpu_fp16_close_to_fp32(cuda_torch: Any, lpba: dict[str, Any], gpu_fp32:
     assert trace.flow.dtype == np.float32 and np.isfinite(trace.flow).all()
     labels = np.intersect1d(np.unique(lpba["fixed_seg"]), np.unique(lpba["moving_seg"]))
     labels = labels[labels > 0]
-    dice16 = mean_dice(lpba["fixed_seg"], _warped_labels(cuda_torch, lpba["moving_seg"], trace.flow), labels)
-    dice32 = mean_dice(lpba["fixed_seg"], _warped_labels(cuda_torch, lpba["moving_seg"], gpu_fp32.flow), labels)
+    dice16 = mean_dice_arrays(lpba["fixed_seg"], _warped_labels(cuda_torch, lpba["moving_seg"], trace.flow), labels)
+    dice32 = mean_dice_arrays(lpba["fixed_seg"], _warped_labels(cuda_torch, lpba["moving_seg"], gpu_fp32.flow), labels)
     assert abs(dice16 - dice32) <= DICE_ATOL_FP16, (dice16, dice32)
 
 
