@@ -123,6 +123,7 @@ def write_qc_png(
     lo, hi = np.percentile(data["fixed"], [1.0, 99.5])
     hi = hi if hi > lo else lo + 1.0
     fig, axes = plt.subplots(3, 6, figsize=(21, 11), squeeze=False)
+    fig.subplots_adjust(left=0.03, right=0.9, bottom=0.04, top=0.9, wspace=0.12, hspace=0.22)
     jac_image = None
     for row, view in enumerate(_VIEWS):
         axis, h, v, (h_lo, h_hi, v_lo, v_hi) = _VIEWS[view]

@@ -75,15 +75,16 @@ def _check_shape(shape: Optional[Sequence[int]]) -> Optional[tuple[int, int, int
     return dims  # type: ignore[return-value]
 
 
-def _require_export_tools() -> None:
-    """torch, onnx and onnxscript (the dynamo exporter's backend) must import.
+def _require_export_tools(exporter: str = "auto") -> None:
+    """torch and onnx must import, and onnxscript (the dynamo exporter's backend) unless ``exporter`` is
+    ``torchscript`` (then it is not imported: its import alone takes seconds).
 
     Raises:
         ExportError: naming the missing package and the extra that installs it.
     """
     import importlib
 
-    for name in ("torch", "onnx", "onnxscript"):
+    for name in ("torch", "onnx") + (() if exporter == "torchscript" else ("onnxscript",)):
         try:
             importlib.import_module(name)
         except ImportError as err:
@@ -354,7 +355,7 @@ def export_checkpoint(
         EngineBuildError: TensorRT missing or failing.
     """
     t0 = time.perf_counter()
-    _require_export_tools()
+    _require_export_tools(exporter)
     dims = _check_shape(shape)
     _check_options(precision, opset, exporter)
     if trt:
