@@ -47,15 +47,9 @@ def _prepared_pair(pair: Optional[tuple[PathLike, PathLike]], shape: tuple[int, 
     from iirp.runtime.register import RegistrationOptions, prepare_pair
 
     if pair is None:
-        try:
-            from iirp.demo import demo_pair_files
-        except ImportError as err:
-            raise IirpError("give a pair to time with --pair FIXED MOVING") from err
-        fixed_path, moving_path = demo_pair_files()
-        name = "the built-in demo pair (iirp.demo)"
-    else:
-        fixed_path, moving_path = pair
-        name = f"{fixed_path} <- {moving_path}"
+        raise IirpError("give the pair to time with --pair FIXED MOVING")
+    fixed_path, moving_path = pair
+    name = f"{fixed_path} <- {moving_path}"
     fixed = read_image(fixed_path, "fixed")
     moving = read_image(moving_path, "moving")
     prepared = prepare_pair(fixed, moving, shape, RegistrationOptions(intensity=intensity),
@@ -85,7 +79,7 @@ def latency_benchmark(
         device: ``cpu`` or ``cuda[:N]``; the reference runs there too.
         checkpoint: the reference's checkpoint when the manifest's source path is not on this machine.
         shape: model grid ``(X, Y, Z)``; default the folder's (a dynamic export accepts others in its range).
-        pair: ``(fixed, moving)`` image files; default the built-in demo pair.
+        pair: ``(fixed, moving)`` image files (required).
 
     Returns:
         The report payload (also ``latency.json``).
