@@ -73,10 +73,13 @@ def qc_slices(
 
 
 def _plane(volume: np.ndarray, view: str) -> np.ndarray:
-    """Mid-slice ``(horizontal, vertical)`` of an ``(X, Y, Z)`` array."""
-    axis, h, v, _ = _VIEWS[view]
-    plane = np.take(volume, volume.shape[axis] // 2, axis=axis)
-    return plane if h < v else plane.T
+    """Mid-slice ``(horizontal, vertical)`` of an ``(X, Y, Z)`` array.
+
+    Every view's horizontal axis precedes its vertical one (:data:`_VIEWS`), so the
+    remaining axes are already in display order.
+    """
+    axis = _VIEWS[view][0]
+    return np.take(volume, volume.shape[axis] // 2, axis=axis)
 
 
 def _checkerboard(a: np.ndarray, b: np.ndarray, tiles: int = 8) -> np.ndarray:
