@@ -282,12 +282,52 @@ def bench_accuracy(
     typer.echo(f"wrote {out / 'accuracy.md'}, accuracy.json, accuracy_dice.png")
 
 
-def _not_yet(prog: str) -> NoReturn:
-    typer.echo(f"{prog}: not implemented yet", err=True)
-    raise typer.Exit(2)
+@train_app.command(
+    epilog=(
+        "Loss: -local NCC (window^3) of the warped moving image and the fixed image + lambda * diffusion. "
+        "Writes latest.pt and best.pt (released format), resume.pt and log.csv in OUT; "
+        "--resume continues a run bit for bit (CPU)."
+    )
+)
+def train(
+    data: Path = typer.Argument(..., help="Folder of volumes, a CSV listing them, or one volume."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output folder (created)."),
+    shape: Optional[tuple[int, int, int]] = typer.Option(
+        None, "--shape", help="Model grid D H W (multiples of 8); default: the --init checkpoint's, else 160 192 160."
+    ),
+    spacing: float = typer.Option(1.0, "--spacing", help="Model grid spacing in mm."),
+    steps: int = typer.Option(1000, "--steps", help="Total steps (a resumed run continues up to it)."),
+    lr: float = typer.Option(1e-4, "--lr", help="Adam learning rate."),
+    lam: float = typer.Option(1.0, "--lambda", help="Weight of the diffusion term."),
+    window: int = typer.Option(9, "--window", help="Local NCC window (voxels)."),
+    resblocks: Optional[int] = typer.Option(None, "--resblocks", help="ResBlocks per estimator (default 2)."),
+    init: Optional[Path] = typer.Option(None, "--init", help="Released checkpoint to fine-tune."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in OUT."),
+    val: Optional[Path] = typer.Option(None, "--val", help="CSV: fixed, moving, fixed_seg, moving_seg."),
+    val_every: int = typer.Option(100, "--val-every", help="Validate and checkpoint every N steps."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the weights and the pair sampler."),
+    synthetic: bool = typer.Option(False, "--synthetic", help="Pairs by random smooth deformation of each volume."),
+    max_disp: float = typer.Option(4.0, "--max-disp", help="Synthetic deformation bound (voxels)."),
+    flip: bool = typer.Option(False, "--flip/--no-flip", help="Random flips of each pair."),
+    jitter: float = typer.Option(0.0, "--jitter", help="Random gamma exp(U(-F, F)) per image."),
+    crop: Optional[tuple[int, int, int]] = typer.Option(None, "--crop", help="Train on random D H W windows."),
+    intensity: str = typer.Option("minmax", "--intensity", help="minmax | percentile:LO,HI | window:LO,HI"),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    verbose: bool = typer.Option(False, "--verbose", help="Show tracebacks."),
+) -> None:
+    """Train RP-Net without labels on pairs from DATA; write checkpoints to OUT."""
 
+    def _go() -> dict:
+        from iirp.model import training
 
-@train_app.command()
-def train() -> None:
-    """Train RP-Net (not implemented yet)."""
-    _not_yet("iirp-train")
+        return training.train(training.TrainConfig(
+            data, out, shape=shape if shape and None not in shape else None, spacing=spacing, steps=steps, lr=lr,
+            lam=lam, window=window, resblocks=resblocks, init=init, resume=resume, val=val, val_every=val_every,
+            seed=seed, synthetic=synthetic, flip=flip, jitter=jitter, max_displacement=max_disp,
+            crop=crop if crop and None not in crop else None, intensity=intensity, device=device,
+        ))
+
+    summary = _guarded("iirp-train", verbose, _go)
+    typer.echo(f"trained to step {summary['steps']} (from {summary['resumed_from']}): "
+               f"best {summary['best_metric']} {summary['best']:.5f}, {summary['seconds']:.0f} s")
+    typer.echo(f"wrote {summary['outputs']['best']}, {summary['outputs']['latest']}, {summary['outputs']['log']}")

@@ -1,0 +1,515 @@
+"""Unsupervised RP-Net training (SPEC section 6), checkpoints in the released format, exact resume.
+
+Each step takes one pair (batch 1) from :class:`~iirp.model.train_data.PairSampler`, runs
+:meth:`RPNet.forward` (one pass per level), warps the full-resolution moving image with the
+final flow and minimises ``-local_ncc(warped, fixed) + lambda * diffusion(flow)``
+(:mod:`iirp.model.losses`) with Adam. Tensors are ``(1, 1, X, Y, Z)`` images and
+``(1, 3, X, Y, Z)`` voxel flows (see :mod:`iirp.runtime.geometry`).
+
+Files in the output folder (each written to a temporary file, then ``os.replace``-d):
+
+* ``latest.pt`` / ``best.pt``: released format ``{"config": {"size", "in_channel",
+  "first_channel"}, "model_state": state_dict}`` (:func:`iirp.model.load_checkpoint`,
+  ``iirp-export``). ``best.pt`` is the best mean validation Dice with ``val``, else the
+  lowest smoothed training loss (exponential average, factor :data:`SMOOTHING`), judged at
+  each checkpoint step.
+* ``resume.pt``: weights, Adam state, step, best score, and every RNG state (torch, numpy's
+  global generator, the pair sampler), loaded weights-only. ``resume=True`` continues from
+  it bit for bit on the CPU (deterministic algorithms are switched on while training).
+* ``log.csv``: one row per step: ``step, loss, ncc, diffusion, lr, seconds, val_dice``
+  (``seconds``: wall time of that step; ``val_dice`` at checkpoint steps with ``val``).
+
+Checkpoints are written every ``val_every`` steps and at the last step.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
+import torch
+
+from iirp.model.errors import ResumeError, TrainingError
+from iirp.model.losses import DEFAULT_WINDOW, diffusion, local_ncc
+from iirp.model.rpnet import RPNet
+from iirp.model.spatial import warp
+from iirp.model.train_data import PairSampler, ValPair, list_volumes, load_val_pairs, load_volumes
+from iirp.typing import PathLike
+
+__all__ = [
+    "LOG_COLUMNS",
+    "SMOOTHING",
+    "TrainConfig",
+    "train",
+    "save_released",
+    "released_payload",
+    "dice_scores",
+]
+
+LOG_COLUMNS = ("step", "loss", "ncc", "diffusion", "lr", "seconds", "val_dice")
+#: Factor of the exponential average of the training loss that picks ``best.pt`` without validation.
+SMOOTHING = 0.98
+RESUME_NAME = "resume.pt"
+_RESUME_FORMAT = "iirp-train-resume/1"
+#: Options that must agree between a run and its resumption.
+_RESUME_KEYS = ("shape", "spacing", "lr", "lam", "window", "seed", "synthetic", "flip", "jitter",
+                "max_displacement", "intensity", "crop")
+
+
+@dataclass
+class TrainConfig:
+    """Options of one training run (the ``iirp-train`` flags).
+
+    Attributes:
+        data: folder of volumes, CSV listing them, or one volume (see :func:`list_volumes`).
+        out_dir: output folder (created).
+        shape: model grid ``(X, Y, Z)`` in voxels, multiples of 8 (>= 16); default: the
+            ``init`` checkpoint's size, else 160 x 192 x 160.
+        spacing: model grid spacing in mm (isotropic).
+        steps: total number of steps (a resumed run continues up to it).
+        lr: Adam learning rate.
+        lam: weight of the diffusion term.
+        window: local NCC window side in voxels.
+        resblocks: ResBlocks per estimator (default 2, or the ``init`` checkpoint's).
+        init: released checkpoint to fine-tune (its keys are kept exactly).
+        resume: continue the run in ``out_dir``.
+        val: validation CSV (``fixed, moving, fixed_seg, moving_seg``).
+        val_every: validation and checkpoint interval in steps.
+        seed: seeds torch (initial weights) and the pair sampler.
+        synthetic: train on synthetic deformations of each volume (:mod:`iirp.synthetic`).
+        flip: random flips of each pair.
+        jitter: random gamma strength per image.
+        max_displacement: synthetic deformation bound in voxels.
+        intensity: intensity rule, as ``iirp-run --intensity``.
+        crop: optional ``(x, y, z)`` random training window (multiples of 8) cut from each pair;
+            checkpoints keep the model grid ``shape``.
+        device: ``cpu`` or ``cuda[:N]`` (exact resume is promised on the CPU).
+        progress: show a progress bar (stderr).
+    """
+
+    data: PathLike
+    out_dir: PathLike
+    shape: Optional[tuple[int, int, int]] = None
+    spacing: float = 1.0
+    steps: int = 1000
+    lr: float = 1e-4
+    lam: float = 1.0
+    window: int = DEFAULT_WINDOW
+    resblocks: Optional[int] = None
+    init: Optional[PathLike] = None
+    resume: bool = False
+    val: Optional[PathLike] = None
+    val_every: int = 100
+    seed: int = 0
+    synthetic: bool = False
+    flip: bool = False
+    jitter: float = 0.0
+    max_displacement: float = 4.0
+    intensity: str = "minmax"
+    crop: Optional[tuple[int, int, int]] = None
+    device: str = "cpu"
+    progress: bool = True
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _mkstemp(path: Path) -> tuple[int, str]:
+    """A temporary file beside ``path`` with the usual permissions (mkstemp's are 0600)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    return fd, tmp
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` into a temporary file beside ``path``, then ``os.replace``."""
+    fd, tmp = _mkstemp(path)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _atomic_text(text: str, path: Path) -> None:
+    fd, tmp = _mkstemp(path)
+    try:
+        with os.fdopen(fd, "w", newline="") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def released_payload(net: RPNet, size: tuple[int, int, int]) -> dict[str, Any]:
+    """The released checkpoint dict of ``net`` (CPU tensors, keys as :meth:`RPNet.state_dict`)."""
+    state = {k: v.detach().to("cpu").clone() for k, v in net.state_dict().items()}
+    config = {"size": tuple(int(s) for s in size), "in_channel": 1, "first_channel": int(net.first_channel)}
+    return {"config": config, "model_state": state}
+
+
+def save_released(net: RPNet, size: tuple[int, int, int], path: PathLike) -> Path:
+    """Write ``net`` as a released-format checkpoint (atomically); returns the path."""
+    p = Path(os.fspath(path))
+    _atomic_save(released_payload(net, size), p)
+    return p
+
+
+# --------------------------------------------------------------------------- setup
+
+
+def _check_options(cfg: TrainConfig) -> None:
+    if cfg.shape is not None:
+        dims = tuple(cfg.shape)
+        if len(dims) != 3 or any(int(d) != d or d < 16 or d % 8 for d in dims):
+            raise TrainingError(f"--shape must be 3 multiples of 8 (each >= 16), got {' '.join(map(str, dims))}")
+    if cfg.crop is not None:
+        dims = tuple(cfg.crop)
+        if len(dims) != 3 or any(int(d) != d or d < 16 or d % 8 for d in dims):
+            raise TrainingError(f"--crop must be 3 multiples of 8 (each >= 16), got {' '.join(map(str, dims))}")
+    checks = [
+        (cfg.steps >= 1, f"--steps must be >= 1, got {cfg.steps}"),
+        (cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}"),
+        (cfg.lam >= 0, f"--lambda must be >= 0, got {cfg.lam}"),
+        (cfg.window >= 1 and cfg.window % 2 == 1, f"--window must be a positive odd number, got {cfg.window}"),
+        (cfg.val_every >= 1, f"--val-every must be >= 1, got {cfg.val_every}"),
+        (cfg.spacing > 0, f"--spacing must be > 0 mm, got {cfg.spacing}"),
+        (cfg.jitter >= 0, f"--jitter must be >= 0, got {cfg.jitter}"),
+        (cfg.max_displacement >= 0, f"--max-disp must be >= 0 voxels, got {cfg.max_displacement}"),
+        (cfg.resblocks is None or 0 <= cfg.resblocks <= 8, f"--resblocks must be 0..8, got {cfg.resblocks}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise TrainingError(message)
+
+
+def _build_net(cfg: TrainConfig) -> tuple[RPNet, tuple[int, int, int]]:
+    """Random init (seeded) or the ``init`` checkpoint; returns the net and the model grid."""
+    if cfg.init is None:
+        shape = tuple(int(s) for s in (cfg.shape or (160, 192, 160)))
+        torch.manual_seed(cfg.seed)
+        resblocks = 2 if cfg.resblocks is None else cfg.resblocks
+        return RPNet(n_resblocks=resblocks, size=shape), shape  # type: ignore[arg-type]
+    from iirp.model.checkpoint import load_checkpoint
+
+    net, info = load_checkpoint(cfg.init)
+    if cfg.resblocks is not None and cfg.resblocks != info.n_resblocks:
+        raise TrainingError(
+            f"--init checkpoint {cfg.init} has {info.n_resblocks} ResBlocks per estimator, --resblocks asks for "
+            f"{cfg.resblocks}"
+        )
+    if info.first_channel != 8:
+        raise TrainingError(f"--init checkpoint {cfg.init} has first_channel {info.first_channel}; training needs 8")
+    shape = tuple(int(s) for s in (cfg.shape or info.size))
+    net.size = shape
+    torch.manual_seed(cfg.seed)
+    return net, shape  # type: ignore[return-value]
+
+
+def _prepare_out(cfg: TrainConfig) -> Path:
+    from iirp.runtime.imageio import check_output_dir
+
+    out = check_output_dir(cfg.out_dir)
+    resume_file = out / RESUME_NAME
+    if cfg.resume and not resume_file.is_file():
+        raise ResumeError(f"--resume: nothing to resume in {out} (no {RESUME_NAME})")
+    if not cfg.resume and resume_file.exists():
+        raise ResumeError(f"{out} already holds a training run ({RESUME_NAME}); pass --resume or choose another folder")
+    return out
+
+
+def _signature(cfg: TrainConfig, shape: tuple[int, int, int]) -> dict[str, Any]:
+    values = asdict(cfg)
+    values["shape"] = list(shape)
+    values["crop"] = list(cfg.crop) if cfg.crop is not None else None
+    return {k: values[k] for k in _RESUME_KEYS}
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def dice_scores(fixed_seg: np.ndarray, warped_seg: np.ndarray) -> dict[int, float]:
+    """Dice per label present in ``fixed_seg`` (label 0 excluded): ``2|A & B| / (|A| + |B|)``."""
+    scores = {}
+    for label in np.unique(fixed_seg):
+        if label == 0:
+            continue
+        a, b = fixed_seg == label, warped_seg == label
+        scores[int(label)] = float(2.0 * np.logical_and(a, b).sum() / (a.sum() + b.sum()))
+    return scores
+
+
+def _validate(net: RPNet, pairs: list[ValPair], device: torch.device) -> float:
+    """Mean over pairs of the mean Dice over labels, RP-Net single pass, nearest label warp."""
+    net.eval()
+    means = []
+    with torch.no_grad():
+        for pair in pairs:
+            fixed = torch.from_numpy(pair.fixed)[None, None].to(device)
+            moving = torch.from_numpy(pair.moving)[None, None].to(device)
+            flow = net(moving, fixed)
+            seg = torch.from_numpy(pair.moving_seg.astype(np.float32))[None, None].to(device)
+            warped = warp(seg, flow, mode="nearest")[0, 0].round().to("cpu").numpy().astype(np.int64)
+            scores = dice_scores(pair.fixed_seg, warped)
+            means.append(float(np.mean(list(scores.values()))) if scores else 0.0)
+    net.train()
+    return float(np.mean(means))
+
+
+# --------------------------------------------------------------------------- loop
+
+
+@dataclass
+class _State:
+    step: int = 0
+    best: Optional[float] = None  # higher is better (Dice, or minus the smoothed loss)
+    smoothed: Optional[float] = None
+
+
+def _rng_states(sampler: PairSampler) -> dict[str, Any]:
+    state = np.random.get_state()
+    numpy_state = {"name": state[0], "key": [int(k) for k in state[1]], "pos": int(state[2]),
+                   "has_gauss": int(state[3]), "cached_gaussian": float(state[4])}
+    return {"torch": torch.get_rng_state(), "numpy": json.dumps(numpy_state), "sampler": sampler.state()}
+
+
+def _set_rng_states(states: dict[str, Any], sampler: PairSampler) -> None:
+    torch.set_rng_state(states["torch"])
+    n = json.loads(states["numpy"])
+    np.random.set_state((n["name"], np.asarray(n["key"], dtype=np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    sampler.set_state(states["sampler"])
+
+
+def _save_resume(path: Path, net: RPNet, opt: torch.optim.Optimizer, state: _State, sampler: PairSampler,
+                 signature: dict[str, Any]) -> None:
+    _atomic_save({
+        "format": _RESUME_FORMAT,
+        "step": state.step,
+        "best": state.best,
+        "smoothed": state.smoothed,
+        "model_state": {k: v.detach().to("cpu").clone() for k, v in net.state_dict().items()},
+        "optimizer_state": opt.state_dict(),
+        "rng": _rng_states(sampler),
+        "signature": json.dumps(signature, sort_keys=True),
+    }, path)
+
+
+def _load_resume(path: Path, net: RPNet, opt: torch.optim.Optimizer, sampler: PairSampler,
+                 signature: dict[str, Any]) -> _State:
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a bad file
+        raise ResumeError(f"cannot read resume state {path}: {str(err).splitlines()[0] if str(err) else err}") from err
+    if not isinstance(saved, dict) or saved.get("format") != _RESUME_FORMAT:
+        raise ResumeError(f"{path} is not an iirp-train resume file")
+    old = json.loads(saved["signature"])
+    changed = [f"{k} {old.get(k)!r} -> {signature[k]!r}" for k in signature if old.get(k) != signature[k]]
+    if changed:
+        raise ResumeError(f"--resume: options differ from the saved run: {'; '.join(changed)}")
+    try:
+        net.load_state_dict(saved["model_state"], strict=True)
+    except RuntimeError as err:
+        raise ResumeError(f"--resume: saved weights in {path} do not match the model") from err
+    opt.load_state_dict(saved["optimizer_state"])
+    _set_rng_states(saved["rng"], sampler)
+    return _State(int(saved["step"]), saved["best"], saved["smoothed"])
+
+
+def _format_row(row: dict[str, Any]) -> list[str]:
+    out = []
+    for key in LOG_COLUMNS:
+        value = row.get(key)
+        if value is None:
+            out.append("")
+        elif isinstance(value, int):
+            out.append(str(value))
+        else:
+            out.append(f"{value:.8g}")
+    return out
+
+
+def _truncate_log(path: Path, last_step: int) -> None:
+    """Keep the header and the rows up to ``last_step`` (a resumed run rewrites the rest)."""
+    rows: list[list[str]] = []
+    if path.is_file():
+        with open(path, newline="") as fh:
+            rows = [r for r in csv.reader(fh)][1:]
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(LOG_COLUMNS)
+    writer.writerows(r for r in rows if r and r[0].isdigit() and int(r[0]) <= last_step)
+    _atomic_text(buf.getvalue(), path)
+
+
+class _Progress:
+    """A rich progress bar with the loss terms on stderr; plain lines at checkpoints off a terminal."""
+
+    def __init__(self, enabled: bool, total: int, start: int) -> None:
+        self.enabled = enabled
+        self._bar: Any = None
+        self._console: Any = None
+        if not enabled:
+            return
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self._console = Console(stderr=True)
+        if self._console.is_terminal:
+            self._bar = Progress(
+                TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[terms]}"),
+                TimeElapsedColumn(), TimeRemainingColumn(), console=self._console,
+            )
+            self._task = self._bar.add_task("train", total=total, completed=start, terms="")
+            self._bar.start()
+
+    def update(self, step: int, terms: str) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, completed=step, terms=terms)
+
+    def log(self, message: str) -> None:
+        if self._console is not None:
+            self._console.print(message)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+
+class _Deterministic:
+    """Switch on ``torch.use_deterministic_algorithms`` for the block, restoring the previous setting."""
+
+    def __enter__(self) -> None:
+        self._previous = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+
+    def __exit__(self, *exc: object) -> None:
+        torch.use_deterministic_algorithms(self._previous)
+
+
+def _steps(sampler: PairSampler, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    while True:
+        pair = sampler.next()
+        yield (torch.from_numpy(np.ascontiguousarray(pair.fixed))[None, None].to(device),
+               torch.from_numpy(np.ascontiguousarray(pair.moving))[None, None].to(device))
+
+
+def train(config: TrainConfig, on_step: Optional[Callable[[dict[str, Any]], None]] = None) -> dict[str, Any]:
+    """Run (or resume) a training run; see the module docstring for what is written.
+
+    Args:
+        config: the options.
+        on_step: called after each step with its log row (a dict over :data:`LOG_COLUMNS`).
+
+    Returns:
+        Summary: ``steps`` (last step), ``resumed_from``, ``loss`` (last), ``smoothed_loss``,
+        ``best`` (Dice or smoothed loss), ``best_metric``, ``seconds``, ``outputs`` (paths).
+
+    Raises:
+        TrainingError: bad option or ``init`` checkpoint; TrainingDataError: bad data;
+        ResumeError: nothing (or something else) to resume; ImageError / CheckpointError:
+        unreadable volume or checkpoint. Nothing is written before the data is loaded.
+    """
+    cfg = config
+    _check_options(cfg)
+    out = _prepare_out(cfg)
+    net, shape = _build_net(cfg)
+    device = torch.device(cfg.device)
+    paths = list_volumes(cfg.data)
+    volumes = load_volumes(paths, shape, cfg.spacing, cfg.intensity)
+    sampler = PairSampler(volumes, cfg.seed, synthetic=cfg.synthetic, flip=cfg.flip, jitter=cfg.jitter,
+                          max_displacement=cfg.max_displacement, crop=cfg.crop)
+    val_pairs = load_val_pairs(cfg.val, shape, cfg.spacing, cfg.intensity) if cfg.val is not None else None
+    net = net.to(device).train()
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    signature = _signature(cfg, shape)
+    state = _State()
+    if cfg.resume:
+        state = _load_resume(out / RESUME_NAME, net, opt, sampler, signature)
+    resumed_from = state.step
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "log.csv"
+    _truncate_log(log_path, state.step)
+    outputs = {"latest": str(out / "latest.pt"), "best": str(out / "best.pt"), "resume": str(out / RESUME_NAME),
+               "log": str(log_path)}
+
+    progress = _Progress(cfg.progress, cfg.steps, state.step)
+    t_start = time.perf_counter()
+    last: dict[str, Any] = {}
+    try:
+        with _Deterministic(), open(log_path, "a", newline="") as log_fh:
+            writer = csv.writer(log_fh, lineterminator="\n")
+            batches = _steps(sampler, device)
+            while state.step < cfg.steps:
+                t0 = time.perf_counter()
+                fixed, moving = next(batches)
+                flow = net(moving, fixed)
+                similarity = local_ncc(warp(moving, flow), fixed, cfg.window)
+                smooth = diffusion(flow)
+                loss = -similarity + cfg.lam * smooth
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                state.step += 1
+                value = float(loss.detach())
+                state.smoothed = value if state.smoothed is None else \
+                    SMOOTHING * state.smoothed + (1.0 - SMOOTHING) * value
+                row: dict[str, Any] = {"step": state.step, "loss": value, "ncc": float(similarity.detach()),
+                                       "diffusion": float(smooth.detach()), "lr": cfg.lr}
+                checkpoint = state.step % cfg.val_every == 0 or state.step == cfg.steps
+                if checkpoint and val_pairs is not None:
+                    row["val_dice"] = _validate(net, val_pairs, device)
+                row["seconds"] = time.perf_counter() - t0
+                writer.writerow(_format_row(row))
+                log_fh.flush()
+                last = row
+                terms = f"loss {value:.4f} ncc {row['ncc']:.4f} diff {row['diffusion']:.4f}"
+                progress.update(state.step, terms)
+                if on_step is not None:
+                    on_step(row)
+                if checkpoint:
+                    score = row["val_dice"] if val_pairs is not None else -float(state.smoothed)
+                    if state.best is None or score > state.best:
+                        state.best = score
+                        save_released(net, shape, outputs["best"])
+                    save_released(net, shape, outputs["latest"])
+                    _save_resume(out / RESUME_NAME, net, opt, state, sampler, signature)
+                    extra = f" val dice {row['val_dice']:.4f}" if val_pairs is not None else ""
+                    if progress._bar is None:
+                        progress.log(f"step {state.step}/{cfg.steps}: {terms}{extra}")
+    finally:
+        progress.close()
+    return {
+        "steps": state.step,
+        "resumed_from": resumed_from,
+        "loss": last.get("loss"),
+        "smoothed_loss": state.smoothed,
+        "best": state.best if val_pairs is not None or state.best is None else -state.best,
+        "best_metric": "val_dice" if val_pairs is not None else "smoothed_loss",
+        "seconds": time.perf_counter() - t_start,
+        "model_grid": list(shape),
+        "outputs": outputs,
+    }
