@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -36,16 +37,37 @@ def test_demo_pair_matches_its_truth(tmp_path: Path) -> None:
     assert ncc(warp(moving, made["flow"]), fixed) > ncc(moving, fixed)
 
 
-def test_run_demo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_run_demo_through_the_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The README's main command: exports the demo checkpoint (cached), registers with onnxruntime, scores."""
     pytest.importorskip("onnxruntime")
-    monkeypatch.setenv("IIRP_CACHE_DIR", str(tmp_path / "cache"))
     pytest.importorskip("torch")  # the first run exports the checkpoint
-    from iirp.demo import run_demo
+    from typer.testing import CliRunner
 
-    result = run_demo(tmp_path / "out", progress=False)
-    assert result["epe_after"]["mm"] < result["epe_before"]["mm"], result
-    assert result["dice_after"]["mean"] > result["dice_before"]["mean"], result
+    from iirp.cli import demo_summary, run_app
+
+    monkeypatch.setenv("IIRP_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    res = CliRunner().invoke(run_app, ["--demo", "-o", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    result = json.loads(res.stdout)
+    # the trained demo checkpoint must clearly undo the known deformation
+    assert result["epe_after"]["mm"] < 0.6 * result["epe_before"]["mm"], result["epe_after"]
+    assert result["dice_after"]["mean"] > result["dice_before"]["mean"] + 0.05, result["dice_after"]
     assert len(result["iterations"]) == 4
-    assert {"warped", "displacement", "warped_seg", "report"} <= set(result["outputs"])
+    assert {"warped", "displacement", "warped_seg", "qc", "report"} <= set(result["outputs"])
+    assert all(Path(p).is_file() for p in result["outputs"].values())
     assert Path(result["engines"]).is_relative_to(tmp_path / "cache")
+    lines = demo_summary(result)
+    assert any(line.startswith("end-point error in the brain:") for line in lines)
+
+
+def test_demo_rejects_images(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from iirp.cli import run_app
+
+    res = CliRunner().invoke(run_app, ["--demo", str(tmp_path / "a.nii.gz"), "-o", str(tmp_path / "o")])
+    assert res.exit_code == 2
+    assert res.stderr.strip().splitlines() == ["iirp-run: error: --demo takes no images, --pairs, --moving-seg, "
+                                               "--checkpoint or --engines"]
+    assert not (tmp_path / "o").exists()

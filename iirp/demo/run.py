@@ -137,7 +137,7 @@ def run_demo(out_dir: PathLike, engine: str = "ort", progress: bool = True) -> d
     """Register the demo pair and score it against the known deformation.
 
     Writes ``out_dir/inputs/`` (:func:`make_demo_pair`) and the usual ``iirp-run`` outputs in
-    ``out_dir`` (``warped.nii.gz``, ``displacement.nii.gz``, ``warped_seg.nii.gz``, ``report.json``).
+    ``out_dir`` (``warped.nii.gz``, ``displacement.nii.gz``, ``warped_seg.nii.gz``, ``qc.png``, ``report.json``).
 
     Args:
         out_dir: output folder (created).
@@ -166,7 +166,7 @@ def run_demo(out_dir: PathLike, engine: str = "ort", progress: bool = True) -> d
     solver = make_solver(engine, engines=engines)
     options = RegistrationOptions(model_spacing=(DEMO_SPACING,) * 3)
     report = register_files(paths["fixed"], paths["moving"], solver, out, moving_seg=paths["moving_seg"],
-                            options=options)
+                            options=options, qc=True)
     t2 = time.perf_counter()
 
     reference = made["reference"]

@@ -17,6 +17,40 @@ from iirp.model.spatial import compose, upsample_flow, warp
 __all__ = ["RPNet", "FeatureExtractor", "FlowEstimator", "level_channels"]
 
 _SLOPE = 0.1
+#: torch picks its im2col ``slow_conv3d`` over oneDNN for a batch-1 CPU input with
+#: ``N * C * X * Y <= 20480`` (a heuristic in ATen's ConvUtils meant for 2-D), which makes the
+#: small levels and small training crops 10-60x slower; see :class:`_Conv3d`.
+_ATEN_NATIVE_CONV_LIMIT = 20480
+
+
+def _tracing() -> bool:
+    """Under an exporter or compiler, which must see the plain convolution."""
+    return bool(torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
+                or torch.compiler.is_exporting())
+
+
+class _Conv3d(nn.Conv3d):
+    """``nn.Conv3d`` (3x3x3, stride 1, padding 1) that keeps batch-1 CPU inputs on oneDNN.
+
+    Where ATen would fall back to ``slow_conv3d`` (see :data:`_ATEN_NATIVE_CONV_LIMIT`), the
+    input is cut into two halves along X with a one-voxel halo and convolved as a batch of 2,
+    which ATen sends to oneDNN; the halves are joined again. The result is the same convolution
+    (float32 summation order aside). Parameter names (``weight``, ``bias``) are those of
+    ``nn.Conv3d``, so released state dicts load unchanged; export traces the plain convolution.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _tracing() or not all(type(d) is int for d in x.shape):
+            return super().forward(x)
+        n, c, sx, sy = x.shape[:4]
+        if (n != 1 or sx < 2 or x.device.type != "cpu" or x.dtype != torch.float32
+                or n * c * sx * sy > _ATEN_NATIVE_CONV_LIMIT):
+            return super().forward(x)
+        half = (sx + 1) // 2
+        padded = F.pad(x, (0, 0, 0, 0, 1, 1))
+        pieces = torch.cat([padded[:, :, :half + 2], padded[:, :, sx - half:]])
+        out = F.conv3d(pieces, self.weight, self.bias, 1, (0, 1, 1))
+        return torch.cat([out[:1], out[1:, :, 2 * half - sx:]], dim=2)
 
 
 def level_channels(first_channel: int = 8) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
@@ -35,7 +69,7 @@ class _ConvBlock(nn.Module):
 
     def __init__(self, cin: int, cout: int) -> None:
         super().__init__()
-        self.main = nn.Conv3d(cin, cout, 3, padding=1)
+        self.main = _Conv3d(cin, cout, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.leaky_relu(self.main(x), _SLOPE)
@@ -46,7 +80,7 @@ class _ResBlock(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.main = nn.Conv3d(channels, channels, 3, padding=1)
+        self.main = _Conv3d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.leaky_relu(self.main(x) + x, _SLOPE)
@@ -89,8 +123,8 @@ class FlowEstimator(nn.Module):
         self.Conv1 = _ConvBlock(2 * feature_channels, q)
         for k in range(2, n_resblocks + 2):
             setattr(self, f"Conv{k}", _ResBlock(q))
-        setattr(self, f"Conv{n_resblocks + 2}", nn.Conv3d(q, q // 2, 3, padding=1))
-        setattr(self, f"Conv{n_resblocks + 3}", nn.Conv3d(q // 2, 3, 3, padding=1))
+        setattr(self, f"Conv{n_resblocks + 2}", _Conv3d(q, q // 2, 3, padding=1))
+        setattr(self, f"Conv{n_resblocks + 3}", _Conv3d(q // 2, 3, 3, padding=1))
 
     def forward(self, warped_moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
         x = torch.cat([warped_moving, fixed], dim=1)
