@@ -349,6 +349,8 @@ def train(
     seed: int = typer.Option(0, "--seed", help="Seed of the weights and the pair sampler."),
     synthetic: bool = typer.Option(False, "--synthetic", help="Pairs by random smooth deformation of each volume."),
     max_disp: float = typer.Option(4.0, "--max-disp", help="Synthetic deformation bound (voxels)."),
+    supervised: float = typer.Option(
+        0.0, "--supervised", help="With --synthetic: add W x end-point error to the true flow to the loss."),
     flip: bool = typer.Option(False, "--flip/--no-flip", help="Random flips of each pair."),
     jitter: float = typer.Option(0.0, "--jitter", help="Random gamma exp(U(-F, F)) per image."),
     crop: Optional[tuple[int, int, int]] = typer.Option(None, "--crop", help="Train on random D H W windows."),
@@ -364,7 +366,7 @@ def train(
         return training.train(training.TrainConfig(
             data, out, shape=shape if shape and None not in shape else None, spacing=spacing, steps=steps, lr=lr,
             lam=lam, window=window, resblocks=resblocks, init=init, resume=resume, val=val, val_every=val_every,
-            seed=seed, synthetic=synthetic, flip=flip, jitter=jitter, max_displacement=max_disp,
+            seed=seed, synthetic=synthetic, flip=flip, jitter=jitter, max_displacement=max_disp, supervised=supervised,
             crop=crop if crop and None not in crop else None, intensity=intensity, device=device,
         ))
 

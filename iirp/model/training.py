@@ -3,7 +3,9 @@
 Each step takes one pair (batch 1) from :class:`~iirp.model.train_data.PairSampler`, runs
 :meth:`RPNet.forward` (one pass per level), warps the full-resolution moving image with the
 final flow and minimises ``-local_ncc(warped, fixed) + lambda * diffusion(flow)``
-(:mod:`iirp.model.losses`) with Adam. Tensors are ``(1, 1, X, Y, Z)`` images and
+(:mod:`iirp.model.losses`) with Adam; with ``supervised`` > 0 (synthetic pairs only) the
+mean end-point error against the known flow, times ``supervised``, is added (not in the paper:
+it makes short training runs, such as the demo checkpoint's, converge). Tensors are ``(1, 1, X, Y, Z)`` images and
 ``(1, 3, X, Y, Z)`` voxel flows (see :mod:`iirp.runtime.geometry`).
 
 Files in the output folder (each written to a temporary file, then ``os.replace``-d):
@@ -16,7 +18,8 @@ Files in the output folder (each written to a temporary file, then ``os.replace`
 * ``resume.pt``: weights, Adam state, step, best score, and every RNG state (torch, numpy's
   global generator, the pair sampler), loaded weights-only. ``resume=True`` continues from
   it bit for bit on the CPU (deterministic algorithms are switched on while training).
-* ``log.csv``: one row per step: ``step, loss, ncc, diffusion, lr, seconds, val_dice``
+* ``log.csv``: one row per step: ``step, loss, ncc, diffusion, epe, lr, seconds, val_dice``
+  (``epe``: mean end-point error in voxels against the true flow, synthetic pairs only)
   (``seconds``: wall time of that step; ``val_dice`` at checkpoint steps with ``val``).
 
 Checkpoints are written every ``val_every`` steps and at the last step.
@@ -54,14 +57,14 @@ __all__ = [
     "dice_scores",
 ]
 
-LOG_COLUMNS = ("step", "loss", "ncc", "diffusion", "lr", "seconds", "val_dice")
+LOG_COLUMNS = ("step", "loss", "ncc", "diffusion", "epe", "lr", "seconds", "val_dice")
 #: Factor of the exponential average of the training loss that picks ``best.pt`` without validation.
 SMOOTHING = 0.98
 RESUME_NAME = "resume.pt"
 _RESUME_FORMAT = "iirp-train-resume/1"
 #: Options that must agree between a run and its resumption.
 _RESUME_KEYS = ("shape", "spacing", "lr", "lam", "window", "seed", "synthetic", "flip", "jitter",
-                "max_displacement", "intensity", "crop")
+                "max_displacement", "intensity", "crop", "supervised")
 
 
 @dataclass
@@ -88,6 +91,8 @@ class TrainConfig:
         flip: random flips of each pair.
         jitter: random gamma strength per image.
         max_displacement: synthetic deformation bound in voxels.
+        supervised: weight of the mean end-point error (voxels) between the predicted and the
+            true flow, added to the loss (synthetic pairs only; 0 = the paper's unsupervised loss).
         intensity: intensity rule, as ``iirp-run --intensity``.
         crop: optional ``(x, y, z)`` random training window (multiples of 8) cut from each pair;
             checkpoints keep the model grid ``shape``.
@@ -113,6 +118,7 @@ class TrainConfig:
     flip: bool = False
     jitter: float = 0.0
     max_displacement: float = 4.0
+    supervised: float = 0.0
     intensity: str = "minmax"
     crop: Optional[tuple[int, int, int]] = None
     device: str = "cpu"
@@ -156,17 +162,26 @@ def _atomic_text(text: str, path: Path) -> None:
         raise
 
 
-def released_payload(net: RPNet, size: tuple[int, int, int]) -> dict[str, Any]:
-    """The released checkpoint dict of ``net`` (CPU tensors, keys as :meth:`RPNet.state_dict`)."""
-    state = {k: v.detach().to("cpu").clone() for k, v in net.state_dict().items()}
+def released_payload(net: RPNet, size: tuple[int, int, int],
+                     key_order: Optional[list[str]] = None) -> dict[str, Any]:
+    """The released checkpoint dict of ``net`` (CPU tensors).
+
+    Keys are :meth:`RPNet.state_dict`'s, in ``key_order`` first where given (the ``--init``
+    checkpoint's order, so a fine-tuned file lists its keys exactly as the released one).
+    """
+    current = net.state_dict()
+    names = [k for k in (key_order or []) if k in current]
+    names += [k for k in current if k not in set(names)]
+    state = {k: current[k].detach().to("cpu").clone() for k in names}
     config = {"size": tuple(int(s) for s in size), "in_channel": 1, "first_channel": int(net.first_channel)}
     return {"config": config, "model_state": state}
 
 
-def save_released(net: RPNet, size: tuple[int, int, int], path: PathLike) -> Path:
+def save_released(net: RPNet, size: tuple[int, int, int], path: PathLike,
+                  key_order: Optional[list[str]] = None) -> Path:
     """Write ``net`` as a released-format checkpoint (atomically); returns the path."""
     p = Path(os.fspath(path))
-    _atomic_save(released_payload(net, size), p)
+    _atomic_save(released_payload(net, size, key_order), p)
     return p
 
 
@@ -191,6 +206,8 @@ def _check_options(cfg: TrainConfig) -> None:
         (cfg.spacing > 0, f"--spacing must be > 0 mm, got {cfg.spacing}"),
         (cfg.jitter >= 0, f"--jitter must be >= 0, got {cfg.jitter}"),
         (cfg.max_displacement >= 0, f"--max-disp must be >= 0 voxels, got {cfg.max_displacement}"),
+        (cfg.supervised >= 0, f"--supervised must be >= 0, got {cfg.supervised}"),
+        (cfg.supervised == 0 or cfg.synthetic, "--supervised needs --synthetic (the true flow)"),
         (cfg.resblocks is None or 0 <= cfg.resblocks <= 8, f"--resblocks must be 0..8, got {cfg.resblocks}"),
     ]
     for ok, message in checks:
@@ -198,13 +215,20 @@ def _check_options(cfg: TrainConfig) -> None:
             raise TrainingError(message)
 
 
-def _build_net(cfg: TrainConfig) -> tuple[RPNet, tuple[int, int, int]]:
-    """Random init (seeded) or the ``init`` checkpoint; returns the net and the model grid."""
+def _init_key_order(path: PathLike) -> list[str]:
+    """The parameter names of a checkpoint file in its own order (``module.`` stripped)."""
+    raw = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    state = raw.get("model_state", raw) if isinstance(raw, dict) else {}
+    return [k[len("module."):] if k.startswith("module.") else k for k in state]
+
+
+def _build_net(cfg: TrainConfig) -> tuple[RPNet, tuple[int, int, int], Optional[list[str]]]:
+    """Random init (seeded) or the ``init`` checkpoint; returns the net, the model grid and the init key order."""
     if cfg.init is None:
         shape = tuple(int(s) for s in (cfg.shape or (160, 192, 160)))
         torch.manual_seed(cfg.seed)
         resblocks = 2 if cfg.resblocks is None else cfg.resblocks
-        return RPNet(n_resblocks=resblocks, size=shape), shape  # type: ignore[arg-type]
+        return RPNet(n_resblocks=resblocks, size=shape), shape, None  # type: ignore[return-value]
     from iirp.model.checkpoint import load_checkpoint
 
     net, info = load_checkpoint(cfg.init)
@@ -218,7 +242,7 @@ def _build_net(cfg: TrainConfig) -> tuple[RPNet, tuple[int, int, int]]:
     shape = tuple(int(s) for s in (cfg.shape or info.size))
     net.size = shape
     torch.manual_seed(cfg.seed)
-    return net, shape  # type: ignore[return-value]
+    return net, shape, _init_key_order(cfg.init)  # type: ignore[return-value]
 
 
 def _prepare_out(cfg: TrainConfig) -> Path:
@@ -410,11 +434,14 @@ class _Deterministic:
         torch.use_deterministic_algorithms(self._previous)
 
 
-def _steps(sampler: PairSampler, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _steps(sampler: PairSampler, device: torch.device
+           ) -> Iterator[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
+    """``(fixed, moving, true_flow)`` per step: ``(1, 1, X, Y, Z)``, ``(1, 1, X, Y, Z)``, ``(1, 3, X, Y, Z)`` or None."""
     while True:
         pair = sampler.next()
+        flow = None if pair.flow is None else torch.from_numpy(np.ascontiguousarray(pair.flow))[None].to(device)
         yield (torch.from_numpy(np.ascontiguousarray(pair.fixed))[None, None].to(device),
-               torch.from_numpy(np.ascontiguousarray(pair.moving))[None, None].to(device))
+               torch.from_numpy(np.ascontiguousarray(pair.moving))[None, None].to(device), flow)
 
 
 def train(config: TrainConfig, on_step: Optional[Callable[[dict[str, Any]], None]] = None) -> dict[str, Any]:
@@ -436,7 +463,7 @@ def train(config: TrainConfig, on_step: Optional[Callable[[dict[str, Any]], None
     cfg = config
     _check_options(cfg)
     out = _prepare_out(cfg)
-    net, shape = _build_net(cfg)
+    net, shape, key_order = _build_net(cfg)
     device = torch.device(cfg.device)
     paths = list_volumes(cfg.data)
     volumes = load_volumes(paths, shape, cfg.spacing, cfg.intensity)
@@ -465,11 +492,14 @@ def train(config: TrainConfig, on_step: Optional[Callable[[dict[str, Any]], None
             batches = _steps(sampler, device)
             while state.step < cfg.steps:
                 t0 = time.perf_counter()
-                fixed, moving = next(batches)
+                fixed, moving, true_flow = next(batches)
                 flow = net(moving, fixed)
                 similarity = local_ncc(warp(moving, flow), fixed, cfg.window)
                 smooth = diffusion(flow)
                 loss = -similarity + cfg.lam * smooth
+                epe = None if true_flow is None else torch.linalg.vector_norm(flow - true_flow, dim=1).mean()
+                if epe is not None and cfg.supervised > 0:
+                    loss = loss + cfg.supervised * epe
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -478,7 +508,8 @@ def train(config: TrainConfig, on_step: Optional[Callable[[dict[str, Any]], None
                 state.smoothed = value if state.smoothed is None else \
                     SMOOTHING * state.smoothed + (1.0 - SMOOTHING) * value
                 row: dict[str, Any] = {"step": state.step, "loss": value, "ncc": float(similarity.detach()),
-                                       "diffusion": float(smooth.detach()), "lr": cfg.lr}
+                                       "diffusion": float(smooth.detach()), "lr": cfg.lr,
+                                       "epe": None if epe is None else float(epe.detach())}
                 checkpoint = state.step % cfg.val_every == 0 or state.step == cfg.steps
                 if checkpoint and val_pairs is not None:
                     row["val_dice"] = _validate(net, val_pairs, device)
@@ -487,6 +518,8 @@ def train(config: TrainConfig, on_step: Optional[Callable[[dict[str, Any]], None
                 log_fh.flush()
                 last = row
                 terms = f"loss {value:.4f} ncc {row['ncc']:.4f} diff {row['diffusion']:.4f}"
+                if row["epe"] is not None:
+                    terms += f" epe {row['epe']:.3f}"
                 progress.update(state.step, terms)
                 if on_step is not None:
                     on_step(row)
@@ -494,8 +527,8 @@ def train(config: TrainConfig, on_step: Optional[Callable[[dict[str, Any]], None
                     score = row["val_dice"] if val_pairs is not None else -float(state.smoothed)
                     if state.best is None or score > state.best:
                         state.best = score
-                        save_released(net, shape, outputs["best"])
-                    save_released(net, shape, outputs["latest"])
+                        save_released(net, shape, outputs["best"], key_order)
+                    save_released(net, shape, outputs["latest"], key_order)
                     _save_resume(out / RESUME_NAME, net, opt, state, sampler, signature)
                     extra = f" val dice {row['val_dice']:.4f}" if val_pairs is not None else ""
                     if progress._bar is None:

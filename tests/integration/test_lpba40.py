@@ -3,10 +3,13 @@
 The released Mindboggle checkpoint on the LPBA40 pair S05 (fixed) / S20
 (moving): Dice over the 48 labels both share must rise from the affine-only
 value (~0.45) above 0.60 with RP-Net and higher again with IIRP-Net
-(``official``); the exported onnxruntime engine must reproduce the reference
-(iterations, flow, Dice); the result must not depend on how the fixed image is
-stored; and raw native scans with ``--affine`` must come out on their own grid.
-The last two run on the onnxruntime engine (faster on CPU; geometry is under test).
+(``official``); the exported onnxruntime engine must reproduce the PyTorch
+reference (iterations, flow through all five stages, Dice); the result must not
+depend on how the fixed image is stored; and raw native scans with ``--affine``
+must come out on their own grid. To fit CI, the registrations run on the
+onnxruntime engine and the reference runs once, with the ``rpnet`` rule (every
+stage, one pass each); the reference's ``official`` iterations on this pair,
+[1, 2, 2, 1] (benchmarks/results/cpu_pipeline.md), are pinned for the engine.
 """
 
 from __future__ import annotations
@@ -65,8 +68,13 @@ def canonical_rpnet(ort_solver, brain: dict[str, Path], tmp_path_factory: pytest
 
 
 @pytest.fixture(scope="module")
-def canonical_official(solver: TorchSolver, brain: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
-    return _register_canonical(solver, brain, tmp_path_factory.mktemp("official"), "official")
+def canonical_official(ort_solver, brain: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
+    """IIRP-Net (official rule) on the onnxruntime engine."""
+    return _register_canonical(ort_solver, brain, tmp_path_factory.mktemp("official"), "official")
+
+
+#: The PyTorch reference's official iterations (levels 4..1) on S05 <- S20 (cpu_pipeline.md, the core tests).
+REFERENCE_OFFICIAL_ITERATIONS = [1, 2, 2, 1]
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +114,7 @@ def test_rpnet_and_iirp_raise_dice_over_affine_only(
     print(f"Dice affine-only {affine_only:.4f}  rpnet {rpnet:.4f}  official {iirp:.4f} {report['iterations']}")
     assert rpnet > 0.60
     assert iirp > rpnet + 0.003
-    assert sum(report["iterations"]) > 4
+    assert report["iterations"] == REFERENCE_OFFICIAL_ITERATIONS
     assert report["estimator_passes"] >= sum(report["iterations"])
     assert 0.0 <= report["folding_fraction"] < 0.05
 
@@ -233,24 +241,22 @@ def test_released_checkpoint_exports_at_full_size(shared_data: Path, exported: P
 
 
 def test_onnxruntime_engine_matches_the_reference(
-    brain: dict[str, Path], canonical_official, ort_solver, tmp_path: Path
+    brain: dict[str, Path], canonical_rpnet, solver: TorchSolver, tmp_path: Path
 ) -> None:
-    ref_out, ref_report = canonical_official
-    report = register_files(
-        brain["fixed"], brain["moving"], ort_solver, tmp_path, moving_seg=brain["moving_seg"],
-        options=RegistrationOptions(iterstop="official"),
-    )
-    assert report["engine"] == "ort"
+    """Every stage at full size, end to end: the engine's RP-Net registration is the reference's."""
+    ref_out, ref_report = _register_canonical(solver, brain, tmp_path, "rpnet")
+    out, report = canonical_rpnet
+    assert report["engine"] == "ort" and ref_report["engine"] == "torch"
     assert report["iterations"] == ref_report["iterations"]
     assert report["estimator_passes"] == ref_report["estimator_passes"]
     # 1 mm RAS grid: the field in mm differs from the flow in voxels only by axis signs
     ref_field = sitk.GetArrayFromImage(sitk.ReadImage(str(ref_out / "displacement.nii.gz")))
-    field = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "displacement.nii.gz")))
+    field = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "displacement.nii.gz")))
     flow_error = float(np.abs(field - ref_field).max())
     fixed_seg = sitk.ReadImage(str(brain["fixed_seg"]))
     labels = shared_labels(fixed_seg, sitk.ReadImage(str(brain["moving_seg"])))
     ref_dice = mean_dice(fixed_seg, sitk.ReadImage(str(ref_out / "warped_seg.nii.gz")), labels)
-    dice = mean_dice(fixed_seg, sitk.ReadImage(str(tmp_path / "warped_seg.nii.gz")), labels)
+    dice = mean_dice(fixed_seg, sitk.ReadImage(str(out / "warped_seg.nii.gz")), labels)
     print(f"ort vs torch: max flow error {flow_error:.2e} voxel, Dice {dice:.5f} vs {ref_dice:.5f}")
     assert flow_error < 1e-3
     assert abs(dice - ref_dice) < 0.001

@@ -75,20 +75,34 @@ def test_loss_falls(data: Path, tmp_path: Path) -> None:
 
 
 def test_resume_is_exact(data: Path, tmp_path: Path) -> None:
-    straight = train(_config(data, tmp_path / "a", synthetic=True, flip=True, jitter=0.1))
-    train(_config(data, tmp_path / "b", steps=3, synthetic=True, flip=True, jitter=0.1))
-    resumed = train(_config(data, tmp_path / "b", synthetic=True, flip=True, jitter=0.1, resume=True))
-    assert (straight["steps"], resumed["steps"], resumed["resumed_from"]) == (6, 6, 3)
+    kw = dict(synthetic=True, flip=True, jitter=0.1, val_every=2)
+    straight = train(_config(data, tmp_path / "a", steps=4, **kw))
+    train(_config(data, tmp_path / "b", steps=2, **kw))
+    resumed = train(_config(data, tmp_path / "b", steps=4, resume=True, **kw))
+    assert (straight["steps"], resumed["steps"], resumed["resumed_from"]) == (4, 4, 2)
     for name in ("latest.pt", "best.pt"):
         sa, sb = (torch.load(tmp_path / d / name, weights_only=True)["model_state"] for d in ("a", "b"))
         assert sa.keys() == sb.keys()
         for key in sa:
             assert torch.equal(sa[key], sb[key]), (name, key)
     log_a, log_b = _log(tmp_path / "a" / "log.csv"), _log(tmp_path / "b" / "log.csv")
-    assert [r["step"] for r in log_b] == [str(i) for i in range(1, 7)]
+    assert [r["step"] for r in log_b] == [str(i) for i in range(1, 5)]
     drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert drop(log_a) == drop(log_b)
     assert list(log_a[0]) == list(LOG_COLUMNS)
+
+
+def test_supervised_term_is_the_end_point_error(data: Path, tmp_path: Path) -> None:
+    """Synthetic pairs log the end-point error to their true flow; --supervised W adds W x EPE to the loss."""
+    rows: list[dict] = []
+    train(_config(data, tmp_path / "run", steps=3, val_every=3, synthetic=True, supervised=2.0, lam=0.5),
+          on_step=rows.append)
+    for row in rows:
+        assert row["epe"] > 0
+        assert row["loss"] == pytest.approx(-row["ncc"] + 0.5 * row["diffusion"] + 2.0 * row["epe"], rel=1e-5)
+    plain: list[dict] = []
+    train(_config(data, tmp_path / "real", steps=1, val_every=1), on_step=plain.append)
+    assert plain[0]["epe"] is None and _log(tmp_path / "real" / "log.csv")[0]["epe"] == ""
 
 
 def test_checkpoint_loads_and_exports(data: Path, tmp_path: Path) -> None:
@@ -167,7 +181,9 @@ def test_bad_inputs(data: Path, tmp_path: Path) -> None:
     ckpt, _ = _released(tmp_path, 1)
     with pytest.raises(TrainingError, match="has 1 ResBlocks per estimator, --resblocks asks for 2"):
         train(_config(data, tmp_path / "o7", init=ckpt, resblocks=2))
-    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 8))  # nothing written
+    with pytest.raises(TrainingError, match="--supervised needs --synthetic"):
+        train(_config(data, tmp_path / "o8", supervised=1.0))
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 9))  # nothing written
 
 
 def test_rerun_in_a_used_folder_needs_resume(data: Path, tmp_path: Path) -> None:
