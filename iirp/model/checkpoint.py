@@ -40,6 +40,7 @@ class CheckpointInfo:
         n_resblocks: ResBlocks per flow estimator.
         first_channel: channels of the first encoder block.
         n_parameters: number of weights.
+        keys: the parameter names in the file's order (``module.`` stripped, ``*.grid`` dropped).
     """
 
     path: str
@@ -49,6 +50,7 @@ class CheckpointInfo:
     n_resblocks: int
     first_channel: int
     n_parameters: int
+    keys: tuple[str, ...] = ()
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -179,5 +181,6 @@ def load_checkpoint(path: PathLike, size: tuple[int, int, int] | None = None) ->
         n_resblocks=net.n_resblocks,
         first_channel=first_channel,
         n_parameters=sum(p.numel() for p in net.parameters()),
+        keys=tuple(state),
     )
     return net, info

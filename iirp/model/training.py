@@ -4,8 +4,9 @@ Each step takes one pair (batch 1) from :class:`~iirp.model.train_data.PairSampl
 :meth:`RPNet.forward` (one pass per level), warps the full-resolution moving image with the
 final flow and minimises ``-local_ncc(warped, fixed) + lambda * diffusion(flow)``
 (:mod:`iirp.model.losses`) with Adam; with ``supervised`` > 0 (synthetic pairs only) the
-mean end-point error against the known flow, times ``supervised``, is added (not in the paper:
-it makes short training runs, such as the demo checkpoint's, converge). Tensors are ``(1, 1, X, Y, Z)`` images and
+mean end-point error against the known flow, times ``supervised``, is added (not in the paper;
+meant for short runs such as the demo checkpoint's, and not yet shown to help: see
+benchmarks/results/demo_training.md). Tensors are ``(1, 1, X, Y, Z)`` images and
 ``(1, 3, X, Y, Z)`` voxel flows (see :mod:`iirp.runtime.geometry`).
 
 Files in the output folder (each written to a temporary file, then ``os.replace``-d):
@@ -171,7 +172,8 @@ def released_payload(net: RPNet, size: tuple[int, int, int],
     """
     current = net.state_dict()
     names = [k for k in (key_order or []) if k in current]
-    names += [k for k in current if k not in set(names)]
+    first = set(names)
+    names += [k for k in current if k not in first]
     state = {k: current[k].detach().to("cpu").clone() for k in names}
     config = {"size": tuple(int(s) for s in size), "in_channel": 1, "first_channel": int(net.first_channel)}
     return {"config": config, "model_state": state}
@@ -215,13 +217,6 @@ def _check_options(cfg: TrainConfig) -> None:
             raise TrainingError(message)
 
 
-def _init_key_order(path: PathLike) -> list[str]:
-    """The parameter names of a checkpoint file in its own order (``module.`` stripped)."""
-    raw = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
-    state = raw.get("model_state", raw) if isinstance(raw, dict) else {}
-    return [k[len("module."):] if k.startswith("module.") else k for k in state]
-
-
 def _build_net(cfg: TrainConfig) -> tuple[RPNet, tuple[int, int, int], Optional[list[str]]]:
     """Random init (seeded) or the ``init`` checkpoint; returns the net, the model grid and the init key order."""
     if cfg.init is None:
@@ -242,7 +237,7 @@ def _build_net(cfg: TrainConfig) -> tuple[RPNet, tuple[int, int, int], Optional[
     shape = tuple(int(s) for s in (cfg.shape or info.size))
     net.size = shape
     torch.manual_seed(cfg.seed)
-    return net, shape, _init_key_order(cfg.init)  # type: ignore[return-value]
+    return net, shape, list(info.keys)  # type: ignore[return-value]
 
 
 def _prepare_out(cfg: TrainConfig) -> Path:
@@ -436,7 +431,7 @@ class _Deterministic:
 
 def _steps(sampler: PairSampler, device: torch.device
            ) -> Iterator[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
-    """``(fixed, moving, true_flow)`` per step: ``(1, 1, X, Y, Z)``, ``(1, 1, X, Y, Z)``, ``(1, 3, X, Y, Z)`` or None."""
+    """``(fixed, moving, true_flow)`` per step: ``(1, 1, X, Y, Z)`` twice, then ``(1, 3, X, Y, Z)`` or None."""
     while True:
         pair = sampler.next()
         flow = None if pair.flow is None else torch.from_numpy(np.ascontiguousarray(pair.flow))[None].to(device)
