@@ -22,8 +22,9 @@ import SimpleITK as sitk
 
 from iirp import metrics
 from iirp.metrics import label_dice
-from iirp.runtime import RegistrationOptions, TorchSolver, register_files
+from iirp.runtime import RegistrationOptions, TorchSolver, register_files, register_images
 from iirp.runtime.geometry import ModelGrid, orient, same_grid
+from iirp.runtime.imageio import read_image, read_labels
 
 pytestmark = pytest.mark.slow
 
@@ -130,33 +131,34 @@ LAYOUT_RULE = "fixed:1,0,0,0"
 
 
 def test_result_does_not_depend_on_the_fixed_layout(ort_solver, brain: dict[str, Path], tmp_path: Path) -> None:
-    """The same fixed image stored with permuted and flipped axes gives the same field, on its own grid."""
-    fixed = sitk.ReadImage(str(brain["fixed"]))
+    """The same fixed image stored with permuted and flipped axes gives the same field, on its own grid.
+
+    In memory (:func:`register_images`): writing the outputs is covered by the other tests here.
+    """
+    fixed = read_image(brain["fixed"], "fixed")
     restored = _restore_elsewhere(fixed)
     assert not same_grid(restored, fixed) and restored.GetOrigin() != fixed.GetOrigin()
     # physically the same image: the voxel at a physical point is unchanged
     point = fixed.TransformIndexToPhysicalPoint((40, 100, 70))
     assert restored.GetPixel(restored.TransformPhysicalPointToIndex(point)) == fixed.GetPixel((40, 100, 70))
-    stored = tmp_path / "in"
-    stored.mkdir()
-    sitk.WriteImage(restored, str(stored / "fixed.nrrd"))
-    outs = {"canonical": tmp_path / "canonical", "relayout": tmp_path / "relayout"}
-    for name, fixed_path in (("canonical", brain["fixed"]), ("relayout", stored / "fixed.nrrd")):
-        report = register_files(
-            fixed_path, brain["moving"], ort_solver, outs[name], moving_seg=brain["moving_seg"],
-            options=RegistrationOptions(iterstop=LAYOUT_RULE),
-        )
-        assert report["model_grid"]["voxel_for_voxel"] is True  # reorientation is lossless
-    for name in ("warped.nii.gz", "displacement.nii.gz", "warped_seg.nii.gz"):
-        assert same_grid(sitk.ReadImage(str(outs["relayout"] / name)), restored), name
+    sitk.WriteImage(restored, str(tmp_path / "fixed.nrrd"))
+    moving = read_image(brain["moving"], "moving")
+    moving_seg = read_labels(brain["moving_seg"], "moving-seg")
+    results = {}
+    for name, fixed_image in (("canonical", fixed), ("relayout", read_image(tmp_path / "fixed.nrrd", "fixed"))):
+        results[name] = register_images(fixed_image, moving, ort_solver, moving_seg=moving_seg,
+                                        options=RegistrationOptions(iterstop=LAYOUT_RULE))
+        assert results[name].report["model_grid"]["voxel_for_voxel"] is True  # reorientation is lossless
+    relayout, canonical = results["relayout"], results["canonical"]
+    for name in ("warped", "field", "warped_seg"):
+        assert same_grid(getattr(relayout, name), restored), name
 
     # back in the canonical layout, every output is the canonical run's (the field: up to float32 rounding)
-    canonical = {n: sitk.ReadImage(str(outs["canonical"] / n)) for n in ("displacement.nii.gz", "warped_seg.nii.gz")}
-    for name, image in canonical.items():
-        back = orient(sitk.ReadImage(str(outs["relayout"] / name)))
+    for name in ("field", "warped_seg"):
+        back, image = orient(getattr(relayout, name)), getattr(canonical, name)
         assert same_grid(back, image)
         a, b = sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(image)
-        if name == "warped_seg.nii.gz":
+        if name == "warped_seg":
             assert np.mean(a != b) < 1e-4, name  # nearest-neighbour ties may break differently
         else:
             assert np.abs(a - b).max() < 1e-4, name
@@ -241,21 +243,26 @@ def test_released_checkpoint_exports_at_full_size(shared_data: Path, exported: P
 
 
 def test_onnxruntime_engine_matches_the_reference(
-    brain: dict[str, Path], canonical_rpnet, solver: TorchSolver, tmp_path: Path
+    brain: dict[str, Path], canonical_rpnet, solver: TorchSolver
 ) -> None:
-    """Every stage at full size, end to end: the engine's RP-Net registration is the reference's."""
-    ref_out, ref_report = _register_canonical(solver, brain, tmp_path, "rpnet")
+    """Every stage at full size, end to end: the engine's RP-Net registration is the reference's.
+
+    The reference runs in memory (:func:`register_images`); the engine's run is the written one.
+    """
+    moving_seg = read_labels(brain["moving_seg"], "moving-seg")
+    ref = register_images(read_image(brain["fixed"], "fixed"), read_image(brain["moving"], "moving"), solver,
+                          moving_seg=moving_seg, options=RegistrationOptions(iterstop="rpnet"))
     out, report = canonical_rpnet
-    assert report["engine"] == "ort" and ref_report["engine"] == "torch"
-    assert report["iterations"] == ref_report["iterations"]
-    assert report["estimator_passes"] == ref_report["estimator_passes"]
+    assert report["engine"] == "ort" and ref.report["engine"] == "torch"
+    assert report["iterations"] == ref.report["iterations"]
+    assert report["estimator_passes"] == ref.report["estimator_passes"]
     # 1 mm RAS grid: the field in mm differs from the flow in voxels only by axis signs
-    ref_field = sitk.GetArrayFromImage(sitk.ReadImage(str(ref_out / "displacement.nii.gz")))
+    ref_field = sitk.GetArrayFromImage(ref.field)
     field = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "displacement.nii.gz")))
     flow_error = float(np.abs(field - ref_field).max())
     fixed_seg = sitk.ReadImage(str(brain["fixed_seg"]))
-    labels = shared_labels(fixed_seg, sitk.ReadImage(str(brain["moving_seg"])))
-    ref_dice = mean_dice(fixed_seg, sitk.ReadImage(str(ref_out / "warped_seg.nii.gz")), labels)
+    labels = shared_labels(fixed_seg, moving_seg)
+    ref_dice = mean_dice(fixed_seg, ref.warped_seg, labels)
     dice = mean_dice(fixed_seg, sitk.ReadImage(str(out / "warped_seg.nii.gz")), labels)
     print(f"ort vs torch: max flow error {flow_error:.2e} voxel, Dice {dice:.5f} vs {ref_dice:.5f}")
     assert flow_error < 1e-3

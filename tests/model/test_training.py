@@ -238,12 +238,12 @@ def test_finetune_released_checkpoint_on_lpba40(shared_data: Path, tmp_path: Pat
     listing.write_text(f"path\n{brain / 'LPBA40_S05_vol.nii.gz'}\n{brain / 'LPBA40_S20_vol.nii.gz'}\n")
     released = torch.load(shared_data / "mindboggle" / "mind.pt", map_location="cpu", weights_only=True)
     t0 = time.perf_counter()
-    # random 64^3 windows of the full-size volumes: a full-size step takes minutes on 2 cores
+    # random 32^3 windows of the full-size volumes: a full-size step takes minutes on 2 cores
     train(TrainConfig(listing, tmp_path / "run", steps=2, val_every=2, init=shared_data / "mindboggle" / "mind.pt",
-                      crop=(64, 64, 64), progress=False))
+                      crop=(32, 32, 32), progress=False))
     seconds = time.perf_counter() - t0
     saved = torch.load(tmp_path / "run" / "latest.pt", weights_only=True)
     assert list(saved["model_state"]) == list(released["model_state"])
     assert saved["config"]["size"] == (160, 192, 160)
     assert any(not torch.equal(saved["model_state"][k], released["model_state"][k]) for k in saved["model_state"])
-    print(f"fine-tuning 2 steps (64^3 windows of 160x192x160) took {seconds:.1f} s")  # reported, not asserted
+    print(f"fine-tuning 2 steps (32^3 windows of 160x192x160) took {seconds:.1f} s")  # reported, not asserted
