@@ -492,9 +492,12 @@ def train(config: TrainConfig, on_step: Optional[Callable[[dict[str, Any]], None
                 similarity = local_ncc(warp(moving, flow), fixed, cfg.window)
                 smooth = diffusion(flow)
                 loss = -similarity + cfg.lam * smooth
-                epe = None if true_flow is None else torch.linalg.vector_norm(flow - true_flow, dim=1).mean()
-                if epe is not None and cfg.supervised > 0:
-                    loss = loss + cfg.supervised * epe
+                epe = None
+                if true_flow is not None:  # logged always; in the graph only when it is a loss term
+                    with torch.set_grad_enabled(cfg.supervised > 0):
+                        epe = torch.linalg.vector_norm(flow - true_flow, dim=1).mean()
+                    if cfg.supervised > 0:
+                        loss = loss + cfg.supervised * epe
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
