@@ -7,42 +7,34 @@ becomes one line on stderr and exit code 2; ``--verbose`` shows the traceback.
 from __future__ import annotations
 
 import json
-import sys
-import traceback
 from pathlib import Path
 from typing import Callable, NoReturn, Optional, TypeVar
 
 import typer
 
+from iirp import clitools
 from iirp.errors import IirpError
 from iirp.iterstop import DEFAULT_DELTA, DEFAULT_MAX_ITERS
 
 T = TypeVar("T")
 
-run_app = typer.Typer(add_completion=False, help="Register a moving image to a fixed image with IIRP-Net.")
-export_app = typer.Typer(add_completion=False)
-bench_app = typer.Typer(add_completion=False)
-train_app = typer.Typer(add_completion=False)
+run_app = typer.Typer(add_completion=False, help="Register a moving image to a fixed image with IIRP-Net.",
+                      pretty_exceptions_enable=False)
+export_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+bench_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, cls=clitools.one_line_group("iirp-bench"))
+train_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
-def _fail(prog: str, err: BaseException, verbose: bool) -> NoReturn:
-    if verbose:
-        traceback.print_exception(err, file=sys.stderr)
-    typer.echo(f"{prog}: error: {err}", err=True)
-    raise typer.Exit(2)
+def _fail(prog: str, err: BaseException | str, verbose: bool) -> NoReturn:
+    clitools.fail(prog, err, verbose)
 
 
 def _guarded(prog: str, verbose: bool, call: Callable[[], T]) -> T:
-    try:
-        return call()
-    except IirpError as err:
-        _fail(prog, err, verbose)
-    except KeyboardInterrupt:
-        typer.echo(f"{prog}: interrupted; nothing was written", err=True)
-        raise typer.Exit(130) from None
+    return clitools.guarded(prog, verbose, call)
 
 
 @run_app.command(
+    cls=clitools.one_line_command("iirp-run"),
     epilog=(
         "Without --affine or --initial-transform the moving image keeps its physical position: "
         "the network assumes the pair is already affinely aligned. "
@@ -54,7 +46,9 @@ def _guarded(prog: str, verbose: bool, call: Callable[[], T]) -> T:
 def run(
     fixed: Optional[Path] = typer.Argument(None, help="Fixed image (any format SimpleITK reads)."),
     moving: Optional[Path] = typer.Argument(None, help="Moving image."),
-    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Output folder (created)."),
+    out: Optional[str] = typer.Option(None, "-o", "--out", help="Output folder (created; must be new or empty)."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace an earlier run's outputs in OUT (never other files)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="RP-Net checkpoint (.pt): PyTorch reference."),
     engines: Optional[Path] = typer.Option(None, "--engines", help="Folder written by iirp-export."),
     engine: Optional[str] = typer.Option(
@@ -67,64 +61,76 @@ def run(
     moving_seg: Optional[Path] = typer.Option(None, "--moving-seg", help="Moving label map to warp."),
     affine: bool = typer.Option(False, "--affine", help="Rigid-then-affine pre-alignment (SimpleITK, Mattes MI)."),
     initial_transform: Optional[Path] = typer.Option(
-        None, "--initial-transform", help="ITK transform file (fixed -> moving) instead of --affine."
+        None, "--initial-transform", help="Linear ITK transform file (fixed -> moving) instead of --affine."
     ),
     intensity: str = typer.Option("minmax", "--intensity", help="minmax | percentile:LO,HI | window:LO,HI"),
     qc: bool = typer.Option(False, "--qc", help="Also write qc.png (slices, checkerboard, grid, Jacobian)."),
     pairs: Optional[Path] = typer.Option(None, "--pairs", help="CSV of pairs: cohort mode (see below)."),
     demo: bool = typer.Option(False, "--demo", help="Register the built-in example pair (default -o iirp-demo)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
-    verbose: bool = typer.Option(False, "--verbose", help="Show tracebacks."),
+    verbose: bool = typer.Option(False, "--verbose", help="Show tracebacks and library warnings."),
 ) -> None:
     """Register MOVING to FIXED; write warped image, displacement field, labels and a report."""
-    from iirp.runtime import RegistrationOptions, make_solver
+    from iirp.runtime import RegistrationOptions
 
+    if out == "":
+        _fail("iirp-run", "missing output folder: -o/--out is empty", verbose)
     if demo:
         if fixed is not None or moving is not None or pairs is not None or checkpoint is not None \
                 or engines is not None or moving_seg is not None:
-            _fail("iirp-run", IirpError("--demo takes no images, --pairs, --moving-seg, --checkpoint or --engines"),
-                  verbose)
-        _run_demo(out or Path("iirp-demo"), engine or "ort", verbose, as_json)
+            _fail("iirp-run", "--demo takes no images, --pairs, --moving-seg, --checkpoint or --engines", verbose)
+        _run_demo(Path(out or "iirp-demo"), engine or "ort", verbose, as_json)
         return
     if out is None:
-        _fail("iirp-run", IirpError("missing option -o/--out (the output folder)"), verbose)
+        _fail("iirp-run", "missing option -o/--out (the output folder)", verbose)
     if pairs is None and (fixed is None or moving is None):
-        _fail("iirp-run", IirpError("give FIXED and MOVING images, --pairs CSV, or --demo"), verbose)
+        _fail("iirp-run", "give FIXED and MOVING images, --pairs CSV, or --demo", verbose)
     if pairs is not None and (fixed is not None or moving_seg is not None):
-        _fail("iirp-run", IirpError("--pairs takes its images (and moving_seg) from the CSV, not the command line"),
-              verbose)
+        _fail("iirp-run", "--pairs takes its images (and moving_seg) from the CSV, not the command line", verbose)
     if (checkpoint is None) == (engines is None):
-        _fail("iirp-run", IirpError("give exactly one of --checkpoint CKPT or --engines DIR"), verbose)
+        _fail("iirp-run", "give exactly one of --checkpoint CKPT or --engines DIR", verbose)
     if affine and initial_transform is not None:
-        _fail("iirp-run", IirpError("use either --affine or --initial-transform, not both"), verbose)
+        _fail("iirp-run", "use either --affine or --initial-transform, not both", verbose)
+    out_dir = Path(out)
     options = RegistrationOptions(
         iterstop=iterstop, delta=delta, max_iters=max_iters, intensity=intensity,
         affine=affine, initial_transform=initial_transform,
     )
 
-    def _solver():  # type: ignore[no-untyped-def]
-        from iirp.iterstop import parse_iterstop
-        from iirp.runtime.imageio import check_output_dir
-        from iirp.runtime.intensity import parse_intensity
+    engine_name = engine or ("ort" if engines is not None else "torch")
 
-        # cheap checks first, so a typo does not wait for the model to load
-        check_output_dir(out)
+    def _check_options() -> None:
+        # cheap checks first, so a typo does not wait for the images or the model to load
+        from iirp.iterstop import parse_iterstop
+        from iirp.runtime.intensity import parse_intensity
+        from iirp.runtime.solvers import check_request
+
         parse_iterstop(iterstop, delta, max_iters)
         parse_intensity(intensity)
-        return make_solver(engine or ("ort" if engines is not None else "torch"),
-                           checkpoint=checkpoint, engines=engines, device=device)
+        check_request(engine_name, checkpoint=checkpoint, engines=engines, device=device)
+
+    def _solver():  # type: ignore[no-untyped-def]
+        from iirp.runtime import make_solver
+
+        return make_solver(engine_name, checkpoint=checkpoint, engines=engines, device=device)
 
     if pairs is not None:
-        _run_cohort(pairs, out, _solver, options, qc, verbose)
+        _run_cohort(pairs, out_dir, _check_options, _solver, options, qc, overwrite, verbose)
         return
 
     def _go() -> dict:
-        from iirp.runtime import register_files
+        from iirp.runtime.imageio import REGISTRATION_OUTPUTS, check_output_dir
+        from iirp.runtime.register import read_inputs, register_files
 
-        solver = _solver()
-        return register_files(fixed, moving, solver, out, moving_seg=moving_seg, options=options, qc=qc)
+        check_output_dir(out_dir, overwrite=overwrite, owned=REGISTRATION_OUTPUTS)
+        _check_options()
+        inputs = read_inputs(fixed, moving, moving_seg=moving_seg, options=options)  # before the model loads
+        return register_files(fixed, moving, _solver(), out_dir, moving_seg=moving_seg, options=options, qc=qc,
+                              overwrite=overwrite, inputs=inputs)
 
     report = _guarded("iirp-run", verbose, _go)
+    for text in report.get("warnings", []):
+        clitools.warn("iirp-run", text)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
@@ -140,6 +146,8 @@ def _run_demo(out: Path, engine: str, verbose: bool, as_json: bool) -> None:
         return run_demo(out, engine=engine, progress=True)
 
     result = _guarded("iirp-run", verbose, _go)
+    for text in result["report"].get("warnings", []):
+        clitools.warn("iirp-run", text)
     if as_json:
         typer.echo(json.dumps(result, indent=2, default=str))
         return
@@ -174,16 +182,22 @@ def _print_report(report: dict) -> None:
         typer.echo(f"{name:>13}: {path}")
 
 
-def _run_cohort(pairs_csv: Path, out: Path, make: Callable[[], object], options: object, qc: bool,
-                verbose: bool) -> None:
+def _run_cohort(pairs_csv: Path, out: Path, check: Callable[[], None], make: Callable[[], object], options: object,
+                qc: bool, overwrite: bool, verbose: bool) -> None:
     """Cohort mode: progress bar over pairs, a line per failed pair, exit 1 if any failed."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from iirp.runtime.cohort import PairOutcome, register_cohort
+    from iirp.runtime.cohort import PairOutcome, cohort_entry, register_cohort
+    from iirp.runtime.imageio import check_output_dir
     from iirp.runtime.pairs import read_pairs
 
-    pair_list = _guarded("iirp-run", verbose, lambda: read_pairs(pairs_csv))
+    def _prepare():  # type: ignore[no-untyped-def]
+        check_output_dir(out, overwrite=overwrite, owned=cohort_entry, role="cohort output folder")
+        check()
+        return read_pairs(pairs_csv)
+
+    pair_list = _guarded("iirp-run", verbose, _prepare)
     solver = _guarded("iirp-run", verbose, make)
     err = Console(stderr=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -193,11 +207,12 @@ def _run_cohort(pairs_csv: Path, out: Path, make: Callable[[], object], options:
         def on_pair(index: int, outcome: PairOutcome) -> None:
             if not outcome.ok:
                 bar.console.print(f"iirp-run: pair {outcome.pair.id} (row {outcome.pair.row}) failed: "
-                                  f"{outcome.error}", markup=False, highlight=False)
+                                  f"{outcome.error}", markup=False, highlight=False, soft_wrap=True)
             bar.update(task, advance=1, description=f"registering (last: {outcome.pair.id})")
 
         summary = _guarded("iirp-run", verbose, lambda: register_cohort(
-            pair_list, solver, out, options=options, qc=qc, on_pair=on_pair))  # type: ignore[arg-type]
+            pair_list, solver, out, options=options, qc=qc, overwrite=overwrite,  # type: ignore[arg-type]
+            on_pair=on_pair))
     done = len(summary.outcomes) - len(summary.failed)
     typer.echo(f"{done} of {len(summary.outcomes)} pairs registered; summary: {summary.summary_csv}")
     if summary.failed:
@@ -207,6 +222,7 @@ def _run_cohort(pairs_csv: Path, out: Path, make: Callable[[], object], options:
 
 
 @export_app.command(
+    cls=clitools.one_line_command("iirp-export"),
     epilog=(
         "Dynamic exports accept 16..256 voxels per axis (multiples of 8; widened to include --shape). "
         "fp16 files keep float32 inputs and outputs. onnxruntime's CPU provider runs fp16 files with "
@@ -276,6 +292,10 @@ def bench_latency(
     verbose: bool = typer.Option(False, "--verbose", help="Show tracebacks."),
 ) -> None:
     """Latency per engine and per stage (median, p90, min), speedup over the reference, memory."""
+    if repeats < 1:
+        _fail("iirp-bench", f"--repeats must be >= 1, got {repeats}", verbose)
+    if warmup < 0:
+        _fail("iirp-bench", f"--warmup must be >= 0, got {warmup}", verbose)
     from iirp.bench import latency_benchmark
 
     status, step = _progress_steps("iirp-bench")
@@ -324,6 +344,7 @@ def bench_accuracy(
 
 
 @train_app.command(
+    cls=clitools.one_line_command("iirp-train"),
     epilog=(
         "Loss: -local NCC (window^3) of the warped moving image and the fixed image + lambda * diffusion. "
         "Writes latest.pt and best.pt (released format), resume.pt and log.csv in OUT; "

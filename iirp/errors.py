@@ -34,3 +34,25 @@ class IterStopSpecError(IirpError, ValueError):
 
 class IntensitySpecError(IirpError, ValueError):
     """An ``--intensity`` specification is malformed."""
+
+
+class RegistrationError(IirpError):
+    """A registration cannot give a usable result: the images do not overlap, or the flow or a score is not finite."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (or SIGHUP) arrived: unwinds like Ctrl-C, so partial outputs are removed.
+
+    Attributes:
+        signum: the signal number (exit code ``128 + signum``).
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"terminated by signal {signum}")
+        self.signum = signum
+
+
+def one_line(text: str, limit: int = 400) -> str:
+    """``text`` on one line: whitespace runs (newlines included) become one space, cut at ``limit`` characters."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."

@@ -92,6 +92,11 @@ def parse_iterstop(
                 f"iterstop spec {spec!r}: 'fixed:' needs four integers >= 0 (passes at levels "
                 "4,3,2,1, coarse to fine), e.g. 'fixed:1,3,2,2'"
             )
+        if max(counts) > max_iters:
+            raise IterStopSpecError(
+                f"iterstop spec {spec!r}: {max(counts)} passes at one level exceed max_iters {int(max_iters)} "
+                "(--max-iters caps every rule)"
+            )
         return IterStopRule("fixed", counts, float(delta), int(max_iters), text)  # type: ignore[arg-type]
     raise IterStopSpecError(
         f"iterstop spec {spec!r} not understood: expected 'official', 'paper', 'rpnet' or "

@@ -16,11 +16,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
 from iirp.errors import IirpError
+from iirp.shapes import is_model_shape
 from iirp.typing import PathLike
 
 __all__ = [
@@ -92,15 +94,71 @@ class StageSpec:
     engine_sha256: Optional[str] = None
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "StageSpec":
+    def from_dict(cls, data: Any, where: str = "stage") -> "StageSpec":
+        """Build from the manifest's JSON, checking every field's type.
+
+        Raises:
+            ManifestMismatchError: a field is missing or of the wrong type, or a file name is not a
+                plain name inside the engine folder.
+        """
+        data = _expect(data, dict, where)
+        engine_file = data.get("engine_file")
+        engine_sha256 = data.get("engine_sha256")
         return cls(
-            file=data["file"],
-            sha256=data["sha256"],
-            inputs=[TensorSpec(**t) for t in data["inputs"]],
-            outputs=[TensorSpec(**t) for t in data["outputs"]],
-            engine_file=data.get("engine_file"),
-            engine_sha256=data.get("engine_sha256"),
+            file=_file_name(data.get("file"), f"{where} 'file'"),
+            sha256=_digest(data.get("sha256"), f"{where} 'sha256'"),
+            inputs=_tensors(data.get("inputs"), f"{where} 'inputs'"),
+            outputs=_tensors(data.get("outputs"), f"{where} 'outputs'"),
+            engine_file=None if engine_file is None else _file_name(engine_file, f"{where} 'engine_file'"),
+            engine_sha256=None if engine_sha256 is None else _digest(engine_sha256, f"{where} 'engine_sha256'"),
         )
+
+
+_SYMBOL = re.compile(r"^[XYZ](/(1|2|4|8))?$")
+_FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_DTYPES = ("float32", "float16", "int32", "int64")
+
+
+def _expect(value: Any, kind: type, where: str) -> Any:
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ManifestMismatchError(f"{where} must be a {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _file_name(value: Any, where: str) -> str:
+    """A plain file name inside the engine folder: no folders, no ``..``, no absolute path."""
+    if not isinstance(value, str) or not _FILE_NAME.match(value) or value in (".", ".."):
+        raise ManifestMismatchError(f"{where} must be a plain file name inside the engine folder, got {value!r}")
+    return value
+
+
+def _digest(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not _HEX64.match(value):
+        raise ManifestMismatchError(f"{where} must be a sha256 hex digest, got {value!r}")
+    return value
+
+
+def _tensors(value: Any, where: str) -> list[TensorSpec]:
+    out = []
+    for i, item in enumerate(_expect(value, list, where)):
+        item = _expect(item, dict, f"{where}[{i}]")
+        name = item.get("name")
+        shape = item.get("shape")
+        dtype = item.get("dtype", "float32")
+        if not isinstance(name, str) or not name:
+            raise ManifestMismatchError(f"{where}[{i}] 'name' must be a non-empty string, got {name!r}")
+        if not isinstance(shape, list) or not all(
+            (isinstance(d, int) and not isinstance(d, bool) and d > 0) or (isinstance(d, str) and _SYMBOL.match(d))
+            for d in shape
+        ):
+            raise ManifestMismatchError(
+                f"{where}[{i}] 'shape' must list positive ints or X, Y, Z (optionally /2, /4, /8), got {shape!r}"
+            )
+        if dtype not in _DTYPES:
+            raise ManifestMismatchError(f"{where}[{i}] 'dtype' must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+        out.append(TensorSpec(name, list(shape), dtype))
+    return out
 
 
 @dataclass
@@ -146,11 +204,9 @@ class Manifest:
 
     def save(self, folder: PathLike) -> Path:
         """Write ``manifest.json`` into ``folder`` (atomically); returns its path."""
-        path = Path(os.fspath(folder)) / MANIFEST_NAME
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        os.replace(tmp, path)
-        return path
+        from iirp.atomic import write_json
+
+        return write_json(Path(os.fspath(folder)) / MANIFEST_NAME, self.to_dict())
 
     @classmethod
     def load(cls, folder: PathLike) -> "Manifest":
@@ -164,7 +220,7 @@ class Manifest:
             raise ManifestMismatchError(f"engine folder {folder}: {MANIFEST_NAME} not found (run iirp-export first)")
         try:
             data = json.loads(path.read_text())
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, RecursionError) as err:
             raise ManifestMismatchError(f"{path} is not valid JSON: {err}") from err
         if not isinstance(data, dict) or data.get("format") != "iirp-engines":
             raise ManifestMismatchError(f"{path} is not an iirp engine manifest")
@@ -173,10 +229,13 @@ class Manifest:
                 f"{path} has format version {data.get('format_version')}, this iirp reads {FORMAT_VERSION}"
             )
         data.pop("format")
+        stages = _expect_field(data, "stages", dict, path)
+        data["stages"] = {str(name): StageSpec.from_dict(spec, f"{path}: stage {name!r}")
+                          for name, spec in stages.items()}
+        _check_fields(data, path)
         try:
-            data["stages"] = {name: StageSpec.from_dict(s) for name, s in data["stages"].items()}
             manifest = cls(**data)
-        except (KeyError, TypeError) as err:
+        except TypeError as err:
             raise ManifestMismatchError(f"{path} is incomplete or malformed: {err}") from err
         missing = [s for s in STAGES if s not in manifest.stages]
         if missing:
@@ -191,9 +250,20 @@ class Manifest:
             ManifestMismatchError: a malformed grid, or one the stage files were not exported for.
         """
         size = self.model_grid.get("size")
-        if not (isinstance(size, list) and len(size) == 3 and all(isinstance(s, int) and s > 0 and s % 8 == 0
-                                                                   for s in size)):
-            raise ManifestMismatchError(f"{path}: model_grid size must be 3 positive multiples of 8, got {size!r}")
+        if not is_model_shape(size) or not isinstance(size, list):
+            raise ManifestMismatchError(f"{path}: model_grid size must be 3 multiples of 8 (each >= 16), got {size!r}")
+        spacing = self.model_grid.get("spacing", [1.0, 1.0, 1.0])
+        if not (isinstance(spacing, list) and len(spacing) == 3 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf") for v in spacing)):
+            raise ManifestMismatchError(f"{path}: model_grid spacing must be 3 positive numbers (mm), got {spacing!r}")
+        if self.dynamic_range is not None:
+            rng = self.dynamic_range
+            if not all(isinstance(rng.get(k), list) and len(rng[k]) == 3 and all(
+                    isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in rng[k]) for k in ("min", "max")):
+                raise ManifestMismatchError(f"{path}: dynamic_range must give 'min' and 'max' as 3 positive ints")
+        for name, stage in self.stages.items():
+            if not stage.inputs or not stage.outputs:
+                raise ManifestMismatchError(f"{path}: stage {name!r} lists no inputs or no outputs")
         if self.dynamic:
             return
         image = self.stages["feature_extractor"].inputs[0]
@@ -211,6 +281,7 @@ class Manifest:
             ManifestMismatchError: naming the first missing or altered file.
         """
         root = Path(os.fspath(folder))
+        real_root = os.path.realpath(root)
         for name, stage in self.stages.items():
             file, digest = (stage.engine_file, stage.engine_sha256) if engines else (stage.file, stage.sha256)
             if file is None:
@@ -220,6 +291,10 @@ class Manifest:
             path = root / file
             if not path.is_file():
                 raise ManifestMismatchError(f"engine folder {root}: {file} (stage {name}) is missing")
+            if os.path.dirname(os.path.realpath(path)) != real_root:
+                raise ManifestMismatchError(
+                    f"engine folder {root}: {file} (stage {name}) is a link to a file outside the folder"
+                )
             if sha256_file(path) != digest:
                 raise ManifestMismatchError(
                     f"engine folder {root}: {file} (stage {name}) does not match the manifest's sha256 "
@@ -251,3 +326,32 @@ class Manifest:
             raise ManifestMismatchError(
                 f"shape {shape} is outside the engines' dynamic range {lo}..{hi} (multiples of 8)"
             )
+
+
+def _expect_field(data: dict[str, Any], key: str, kind: type, path: Path) -> Any:
+    if key not in data:
+        raise ManifestMismatchError(f"{path} is incomplete or malformed: no {key!r}")
+    return _expect(data[key], kind, f"{path}: {key!r}")
+
+
+#: Manifest fields and the JSON types each may have (None: may be null).
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "source_sha256": (str,), "model": (dict,), "model_grid": (dict,), "precision": (str,), "opset": (int,),
+    "dynamic": (bool,), "intensity": (str,), "iterstop": (dict,), "dynamic_range": (dict, type(None)),
+    "exporter": (dict,), "tensorrt": (dict, type(None)), "source_path": (str,), "iirp_version": (str,),
+    "format_version": (int,),
+}
+
+
+def _check_fields(data: dict[str, Any], path: Path) -> None:
+    """Every known field present has its JSON type; the required ones are present."""
+    for key in ("source_sha256", "model", "model_grid", "precision", "opset", "dynamic"):
+        if key not in data:
+            raise ManifestMismatchError(f"{path} is incomplete or malformed: no {key!r}")
+    for key, kinds in _FIELD_TYPES.items():
+        value = data.get(key)
+        if key in data and (not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)):
+            names = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+            raise ManifestMismatchError(f"{path}: {key!r} must be {names}, got {type(data[key]).__name__}")
+    if data["precision"] not in ("fp32", "fp16"):
+        raise ManifestMismatchError(f"{path}: 'precision' must be fp32 or fp16, got {data['precision']!r}")

@@ -14,12 +14,12 @@ anatomical direction at each axis end.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
 
+from iirp.atomic import write_file
 from iirp.runtime.deformation import jacobian_determinant
 from iirp.runtime.geometry import ModelGrid, array_from_image, orient
 from iirp.typing import PathLike
@@ -172,12 +172,7 @@ def write_qc_png(
         fig.colorbar(jac_image, ax=axes[:, 5].tolist(), fraction=0.05, label="det J (magenta: <= 0)")
     if title:
         fig.suptitle(title, fontsize=12)
-    path = os.fspath(path)
-    tmp = f"{path}.part"
     try:
-        fig.savefig(tmp, dpi=dpi, format="png")
-        os.replace(tmp, path)
+        write_file(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)

@@ -75,3 +75,20 @@ def tiny_export(root: Path) -> tuple[dict[str, object], Path]:
     data = tiny_inputs(root)
     export_checkpoint(data["ckpt"], root / "engines", verify=False, progress=False, exporter="torchscript")
     return data, root / "engines"
+
+
+def stale_partial(folder: Path) -> Path:
+    """A staging folder as a run killed outright (SIGKILL) leaves it: this host, a process that is gone."""
+    import os
+    import subprocess
+    import sys
+
+    from iirp.atomic import partial_name
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    name = partial_name().replace(f"-{os.getpid()}-", f"-{gone.pid}-") + "killed"
+    path = folder / name
+    path.mkdir()
+    (path / "warped.nii.gz").write_bytes(b"half a file")
+    return path

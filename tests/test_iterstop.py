@@ -315,9 +315,7 @@ def test_paper_max_iters_caps_every_level():
 def test_fixed_counts_are_exact_and_never_score(counts):
     ops = ToyOps()  # no scripts: any score() call would raise KeyError
     spec = "fixed:" + ",".join(map(str, counts))
-    trace = run_iterstop(
-        ops, parse_iterstop(spec)
-    )  # max_iters (10) does not cap fixed counts
+    trace = run_iterstop(ops, parse_iterstop(spec, max_iters=max(12, *counts)))
     assert trace.iterations == list(counts)
     assert trace.estimator_passes == sum(counts)
     assert trace.scores == [[], [], [], []]
@@ -325,6 +323,13 @@ def test_fixed_counts_are_exact_and_never_score(counts):
     expected = _est(4, *range(counts[0])) + _up(4) + _est(3, *range(counts[1])) + _up(3)
     expected += _est(2, *range(counts[2])) + _up(2) + _est(1, *range(counts[3]))
     assert trace.flow == expected
+
+
+@pytest.mark.parametrize(("spec", "max_iters"), [("fixed:100000,0,0,0", 10), ("fixed:1,1,1,3", 2), ("fixed:11,0,0,0", 10)])
+def test_fixed_counts_above_max_iters_are_refused(spec: str, max_iters: int) -> None:
+    """--max-iters caps every rule: a fixed count above it is a malformed spec, not a run that never ends."""
+    with pytest.raises(IterStopSpecError, match=rf"exceed max_iters {max_iters} \(--max-iters caps every rule\)"):
+        parse_iterstop(spec, max_iters=max_iters)
 
 
 def test_fixed_zero_at_level_4_upsamples_a_zero_flow():

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from iirp.atomic import write_file
 from iirp.bench.environment import markdown_table
 
 __all__ = ["PAPER_FIGURES", "write_latency_report", "write_accuracy_report"]
@@ -26,13 +26,7 @@ PAPER_FIGURES = [
 
 
 def _atomic(path: Path, write: Callable[[str], None]) -> None:
-    tmp = path.with_name(f".{path.name}.part")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_file(path, write)
 
 
 def _write_text(path: Path, text: str) -> None:

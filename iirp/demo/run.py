@@ -133,11 +133,22 @@ def _epe(estimate_mm: np.ndarray, truth_mm: np.ndarray, mask: np.ndarray, mm_to_
     return {"mm": float(mm.mean()), "voxels": float(voxels.mean())}
 
 
+def _demo_entry(entry: Path) -> bool:
+    """What an earlier ``iirp-run --demo`` leaves in its folder: the registration's files and ``inputs/``."""
+    from iirp.runtime.imageio import REGISTRATION_OUTPUTS
+
+    if entry.name == "inputs":
+        return entry.is_dir() and not entry.is_symlink()
+    return entry.name in REGISTRATION_OUTPUTS and entry.is_file() and not entry.is_symlink()
+
+
 def run_demo(out_dir: PathLike, engine: str = "ort", progress: bool = True) -> dict[str, Any]:
     """Register the demo pair and score it against the known deformation.
 
-    Writes ``out_dir/inputs/`` (:func:`make_demo_pair`) and the usual ``iirp-run`` outputs in
-    ``out_dir`` (``warped.nii.gz``, ``displacement.nii.gz``, ``warped_seg.nii.gz``, ``qc.png``, ``report.json``).
+    Writes the usual ``iirp-run`` outputs in ``out_dir`` (``warped.nii.gz``, ``displacement.nii.gz``,
+    ``warped_seg.nii.gz``, ``qc.png``, ``report.json``) and the pair in ``out_dir/inputs/``
+    (:func:`make_demo_pair`), all or nothing. A folder that holds an earlier demo run is replaced;
+    one that holds anything else is refused.
 
     Args:
         out_dir: output folder (created).
@@ -151,22 +162,39 @@ def run_demo(out_dir: PathLike, engine: str = "ort", progress: bool = True) -> d
         ``engines``, ``outputs`` and the registration ``report``.
 
     Raises:
-        IirpError: the output folder cannot be written, or the export / runtime fails.
+        IirpError: the output folder cannot be written or holds other files, or the export / runtime fails.
     """
-    from iirp.runtime import RegistrationOptions, make_solver, register_files
-    from iirp.runtime.geometry import ModelGrid, array_from_image
+    import shutil
+    import tempfile
+
+    from iirp.atomic import replace_folder
+    from iirp.runtime import RegistrationOptions, make_solver
+    from iirp.runtime.geometry import ModelGrid
     from iirp.runtime.imageio import check_output_dir
+    from iirp.runtime.register import read_inputs, register_images, write_registration
 
     t0 = time.perf_counter()
-    out = check_output_dir(out_dir)
+    out = check_output_dir(out_dir, overwrite=True, owned=_demo_entry)
     engines = demo_engines(progress)
     t1 = time.perf_counter()
-    made = make_demo_pair(out / "inputs")
-    paths = made["paths"]
     solver = make_solver(engine, engines=engines)
     options = RegistrationOptions(model_spacing=(DEMO_SPACING,) * 3)
-    report = register_files(paths["fixed"], paths["moving"], solver, out, moving_seg=paths["moving_seg"],
-                            options=options, qc=True)
+    with tempfile.TemporaryDirectory(prefix="iirp-demo-") as tmp:
+        made = make_demo_pair(tmp)
+        staged = made["paths"]
+        inputs = read_inputs(staged["fixed"], staged["moving"], moving_seg=staged["moving_seg"], options=options)
+        paths = {name: out / "inputs" / path.name for name, path in staged.items()}
+        inputs.paths.update(fixed=str(paths["fixed"]), moving=str(paths["moving"]),
+                            moving_seg=str(paths["moving_seg"]))
+        timings: dict[str, float] = {"read": inputs.read_ms}
+        result = register_images(inputs.fixed, inputs.moving, solver, moving_seg=inputs.moving_seg, options=options,
+                                 names=inputs.names, timings_ms=timings)
+        result.report["inputs"] = dict(inputs.paths)
+        outputs = write_registration(result, out, qc=True, t_start=t1, overwrite=True)
+        with replace_folder(out / "inputs") as folder:
+            for path in staged.values():
+                shutil.copyfile(path, folder / path.name)
+    report = result.report
     t2 = time.perf_counter()
 
     reference = made["reference"]
@@ -174,20 +202,18 @@ def run_demo(out_dir: PathLike, engine: str = "ort", progress: bool = True) -> d
     mask = made["fixed_seg"] > 0
     to_voxel = np.linalg.inv(grid.index_to_physical_matrix())
     truth = sitk.GetArrayFromImage(sitk.ReadImage(str(paths["true_displacement"]))).transpose(2, 1, 0, 3)
-    field = sitk.GetArrayFromImage(sitk.ReadImage(report["outputs"]["displacement"])).transpose(2, 1, 0, 3)
+    field = sitk.GetArrayFromImage(sitk.ReadImage(outputs["displacement"])).transpose(2, 1, 0, 3)
     fixed_seg = sitk.ReadImage(str(paths["fixed_seg"]))
-    result = {
+    return {
         "iterations": report["iterations"],
         "estimator_passes": report["estimator_passes"],
         "epe_before": _epe(np.zeros_like(truth), truth, mask, to_voxel),
         "epe_after": _epe(field.astype(np.float64), truth, mask, to_voxel),
         "dice_before": _dice(fixed_seg, sitk.ReadImage(str(paths["moving_seg"]))),
-        "dice_after": _dice(fixed_seg, sitk.ReadImage(report["outputs"]["warped_seg"])),
+        "dice_after": _dice(fixed_seg, sitk.ReadImage(outputs["warped_seg"])),
         "folding_fraction": report["folding_fraction"],
         "seconds": {"export": t1 - t0, "register": t2 - t1, "total": time.perf_counter() - t0},
         "engines": str(engines),
-        "outputs": {**report["outputs"], **{f"input_{k}": str(v) for k, v in paths.items()}},
+        "outputs": {**outputs, **{f"input_{k}": str(v) for k, v in paths.items()}},
         "report": report,
     }
-    assert array_from_image(fixed_seg).shape == DEMO_SHAPE
-    return result

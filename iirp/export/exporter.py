@@ -17,20 +17,19 @@ the TensorRT profile's ``opt``.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import iirp
+from iirp.atomic import replace_folder
 from iirp.errors import OutputError
 from iirp.export.errors import ExportError, ExportOptionError
 from iirp.export.progress import Steps
 from iirp.export.stages import StageIO, example_inputs, stage_io, stage_module
 from iirp.manifest import MANIFEST_NAME, STAGES, Manifest, StageSpec, sha256_file
+from iirp.shapes import check_fits_in_memory, check_model_shape
 from iirp.typing import PathLike
 
 if TYPE_CHECKING:
@@ -65,14 +64,12 @@ def _check_shape(shape: Optional[Sequence[int]]) -> Optional[tuple[int, int, int
     if shape is None:
         return None
     try:
-        dims = tuple(int(s) for s in shape)
+        [int(s) for s in shape]
     except (TypeError, ValueError) as err:
         raise ExportOptionError(f"export_checkpoint() 'shape' must be 3 integers, got {shape!r}") from err
-    if len(dims) != 3 or any(d < DYNAMIC_MIN or d % 8 for d in dims):
-        raise ExportOptionError(
-            f"export_checkpoint() 'shape' (--shape) must be 3 multiples of 8, each >= {DYNAMIC_MIN}, got {shape!r}"
-        )
-    return dims  # type: ignore[return-value]
+    dims = check_model_shape(shape, "export_checkpoint() 'shape' (--shape)", ExportOptionError)
+    check_fits_in_memory(dims, "export_checkpoint() 'shape' (--shape)")
+    return dims
 
 
 def _require_export_tools(exporter: str = "auto") -> None:
@@ -142,49 +139,6 @@ def _replaceable(out: Path) -> None:
             f"output folder {out} holds files an export does not write ({', '.join(foreign[:3])}); "
             "choose a new or empty folder, or an earlier export folder to replace"
         )
-
-
-@contextlib.contextmanager
-def _staging(out: Path) -> Iterator[Path]:
-    """A staging folder beside ``out``, renamed to ``out`` on success and removed on failure.
-
-    An existing ``out`` (checked by :func:`_replaceable`) is swapped out and deleted only after
-    the new folder is in place.
-    """
-    missing = []
-    parent = out.parent
-    while not parent.exists():
-        missing.append(parent)
-        parent = parent.parent
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.iirp-partial-", dir=out.parent))
-        umask = os.umask(0o022)
-        os.umask(umask)
-        os.chmod(stage, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
-    except OSError as err:
-        raise OutputError(f"output folder {out} cannot be created: {err.strerror or err}") from err
-    try:
-        yield stage
-        old = None
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.iirp-old-", dir=out.parent))
-            os.replace(out, old / out.name)
-        try:
-            os.replace(stage, out)
-        except OSError:
-            if old is not None:  # put the previous export back
-                os.replace(old / out.name, out)
-                old.rmdir()
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        for folder in missing:  # innermost first; only the empty ones this call created
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-        raise
 
 
 # --------------------------------------------------------------------------- stages
@@ -381,7 +335,7 @@ def export_checkpoint(
 
     io = stage_io(level_channels(info.first_channel)[0], None if dynamic else size)
 
-    with Steps(progress) as steps, _staging(out) as folder:
+    with Steps(progress) as steps, replace_folder(out) as folder:
         method = _export_with_fallback(
             net, io, folder, exporter, steps, shape=size, opset=opset, dynamic_range=dynamic_range
         )

@@ -19,13 +19,13 @@ Import this module only where TensorRT is wanted: it imports ``tensorrt`` inside
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import types
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
+from iirp.atomic import write_bytes
 from iirp.export.errors import EngineBuildError
 from iirp.manifest import Manifest, StageSpec, TensorSpec, sha256_file
 
@@ -163,9 +163,7 @@ def build_engines(folder: Path, manifest: Manifest, *, previous: Optional[Path] 
             engine_file=engine_file, engine_sha256=sha256_file(folder / engine_file),
         )
     if cache is not None:
-        tmp = folder / (TIMING_CACHE + ".tmp")
-        tmp.write_bytes(bytes(cache.serialize()))
-        os.replace(tmp, folder / TIMING_CACHE)
+        write_bytes(folder / TIMING_CACHE, bytes(cache.serialize()))
     gpu_name, capability = _gpu()
     manifest.tensorrt = {
         "gpu_name": gpu_name,

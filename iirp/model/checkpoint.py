@@ -19,6 +19,7 @@ import torch
 from iirp.errors import CheckpointError
 from iirp.manifest import sha256_file
 from iirp.model.rpnet import RPNet
+from iirp.shapes import check_fits_in_memory, check_model_shape
 from iirp.typing import PathLike
 
 __all__ = ["CheckpointInfo", "load_checkpoint", "load_state_dict", "sha256_file", "DEFAULT_MODEL_SIZE"]
@@ -56,13 +57,19 @@ class CheckpointInfo:
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
+_BLOCKED_GLOBAL = re.compile(r"(?:unsupported global:?\s*(?:GLOBAL\s+)?|unsupported GLOBAL\s+)([\w.]+)", re.IGNORECASE)
+
+
 def _load_reason(err: Exception) -> str:
-    """The informative part of a torch.load failure (not its advice to load unsafely)."""
+    """The informative part of a torch.load failure (not its advice to load unsafely).
+
+    A pickle that names a global outside torch's weights-only allowlist (a class, or a function
+    such as ``posix.system`` that would run on loading) is reported by that global's name.
+    """
     text = _ANSI.sub("", str(err))
-    for line in text.splitlines():
-        if "Unsupported global" in line:
-            found = line[line.index("Unsupported global") :].split(" was not an allowed global")[0]
-            return found.strip() + " (arbitrary objects are refused)"
+    match = _BLOCKED_GLOBAL.search(text)
+    if match:
+        return f"it needs the Python global {match.group(1)}, which is refused (a checkpoint may hold only tensors)"
     if "Unsupported operand" in text or "zip" in text.lower() or "load key" in text.lower():
         return "not a torch checkpoint (corrupt or another format)"
     first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(err).__name__)
@@ -120,8 +127,21 @@ def load_state_dict(
         CheckpointError: keys missing or unexpected, or shapes differ; the message names
             the first offending keys.
     """
-    indices = [int(m.group(1)) for k in state if (m := _RESBLOCK_KEY.match(k))]
-    n_resblocks = max(0, max(indices, default=1) - 1)
+    indices = sorted({int(m.group(1)) for k in state if (m := _RESBLOCK_KEY.match(k))})
+    if indices != list(range(1, len(indices) + 1)):
+        gaps = sorted(set(range(1, max(indices, default=1) + 1)) - set(indices))
+        raise CheckpointError(
+            f"{source} does not match RP-Net: decoder1 layers Conv1..Conv{max(indices, default=1)} are not all "
+            f"present (missing Conv{gaps[0] if gaps else 1})"
+        )
+    n_resblocks = max(0, len(indices) - 1)
+    first = state.get("encoder.block1.main.weight")
+    expected_first = (first_channel, in_channel, 3, 3, 3)
+    if first is not None and tuple(first.shape) != expected_first:  # before building: the config sizes the net
+        raise CheckpointError(
+            f"{source} does not match RP-Net: shape mismatch encoder.block1.main.weight {tuple(first.shape)} != "
+            f"{expected_first} (first_channel {first_channel})"
+        )
     net = RPNet(n_resblocks=n_resblocks, first_channel=first_channel, in_channel=in_channel, size=size)
     expected = net.state_dict()
     missing = [k for k in expected if k not in state]
@@ -142,6 +162,9 @@ def load_state_dict(
     ]
     if wrong:
         raise CheckpointError(f"{source} does not match RP-Net: shape mismatch {_first(wrong)}")
+    bad = [k for k, v in state.items() if not bool(torch.isfinite(v.float()).all())]
+    if bad:
+        raise CheckpointError(f"{source} has NaN/Inf weights in {_first(bad)}")
     net.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     return net.eval()
 
@@ -165,8 +188,8 @@ def load_checkpoint(path: PathLike, size: tuple[int, int, int] | None = None) ->
         in_channel = int(config.get("in_channel", 1))
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"checkpoint {path}: malformed 'config' {config!r}") from err
-    if len(grid) != 3 or any(s < 16 or s % 8 for s in grid):
-        raise CheckpointError(f"checkpoint {path}: model size must be 3 multiples of 8 (>= 16), got {grid}")
+    check_model_shape(grid, f"checkpoint {path}: model size", CheckpointError)
+    check_fits_in_memory(grid, f"checkpoint {path}")
     if in_channel != 1:
         raise CheckpointError(f"checkpoint {path}: in_channel must be 1, got {in_channel}")
     net = load_state_dict(

@@ -32,7 +32,6 @@ import csv
 import io
 import json
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,12 +40,19 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 import torch
 
+from iirp.atomic import write_file, write_text
+from iirp.errors import OutputError, one_line
 from iirp.model.errors import ResumeError, TrainingError
 from iirp.model.losses import DEFAULT_WINDOW, diffusion, local_ncc
 from iirp.model.rpnet import RPNet
 from iirp.model.spatial import warp
 from iirp.model.train_data import PairSampler, ValPair, list_volumes, load_val_pairs, load_volumes
+from iirp.shapes import check_fits_in_memory, check_model_shape
 from iirp.typing import PathLike
+
+#: Lower bound of a training step's memory per voxel of the window (bytes): the forward activations
+#: kept for the backward pass of both feature pyramids and all four estimators, and their gradients.
+_TRAIN_BYTES = 1024
 
 __all__ = [
     "LOG_COLUMNS",
@@ -129,38 +135,15 @@ class TrainConfig:
 # --------------------------------------------------------------------------- files
 
 
-def _mkstemp(path: Path) -> tuple[int, str]:
-    """A temporary file beside ``path`` with the usual permissions (mkstemp's are 0600)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    return fd, tmp
-
-
 def _atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` into a temporary file beside ``path``, then ``os.replace``."""
-    fd, tmp = _mkstemp(path)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """``torch.save`` into a temporary file beside ``path``, then ``os.replace`` (:func:`iirp.atomic.write_file`)."""
+    def _save(tmp: str) -> None:
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as err:  # torch's stream writer reports a failed write this way
+            raise OutputError(f"cannot write {path}: {one_line(str(err), 200)}") from err
 
-
-def _atomic_text(text: str, path: Path) -> None:
-    fd, tmp = _mkstemp(path)
-    try:
-        with os.fdopen(fd, "w", newline="") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_file(path, _save)
 
 
 def released_payload(net: RPNet, size: tuple[int, int, int],
@@ -192,13 +175,12 @@ def save_released(net: RPNet, size: tuple[int, int, int], path: PathLike,
 
 def _check_options(cfg: TrainConfig) -> None:
     if cfg.shape is not None:
-        dims = tuple(cfg.shape)
-        if len(dims) != 3 or any(int(d) != d or d < 16 or d % 8 for d in dims):
-            raise TrainingError(f"--shape must be 3 multiples of 8 (each >= 16), got {' '.join(map(str, dims))}")
+        check_model_shape(cfg.shape, "--shape", TrainingError)
     if cfg.crop is not None:
-        dims = tuple(cfg.crop)
-        if len(dims) != 3 or any(int(d) != d or d < 16 or d % 8 for d in dims):
-            raise TrainingError(f"--crop must be 3 multiples of 8 (each >= 16), got {' '.join(map(str, dims))}")
+        check_model_shape(cfg.crop, "--crop", TrainingError)
+    window = cfg.crop if cfg.crop is not None else cfg.shape
+    if window is not None:
+        check_fits_in_memory(window, "--crop" if cfg.crop is not None else "--shape", bytes_per_voxel=_TRAIN_BYTES)
     checks = [
         (cfg.steps >= 1, f"--steps must be >= 1, got {cfg.steps}"),
         (cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}"),
@@ -373,7 +355,7 @@ def _truncate_log(path: Path, last_step: int) -> None:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(LOG_COLUMNS)
     writer.writerows(r for r in rows if r and r[0].isdigit() and int(r[0]) <= last_step)
-    _atomic_text(buf.getvalue(), path)
+    write_text(path, buf.getvalue())
 
 
 class _Progress:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import SimpleITK as sitk
 
 from iirp.errors import TransformError
@@ -81,11 +82,25 @@ def register_affine(fixed: sitk.Image, moving: sitk.Image) -> sitk.AffineTransfo
     return affine
 
 
+#: Smallest |det| of a pre-alignment's linear part: below it the transform squashes space flat.
+MIN_DETERMINANT = 1e-3
+
+
+def linear_part(transform: sitk.Transform) -> tuple[np.ndarray, np.ndarray]:
+    """``(A, b)`` with ``T(x) = A x + b`` for a linear (affine) transform, from four transformed points."""
+    origin = np.asarray(transform.TransformPoint((0.0, 0.0, 0.0)), dtype=np.float64)
+    columns = [np.asarray(transform.TransformPoint(tuple(e)), dtype=np.float64) - origin for e in np.eye(3)]
+    return np.stack(columns, axis=1), origin
+
+
 def read_transform(path: PathLike) -> sitk.Transform:
     """Read an ITK transform file (fixed -> moving points, as ANTs and ITK write them).
 
+    Only linear transforms are pre-alignments: a non-linear one (B-spline, displacement
+    field) is refused, and so is a singular or non-finite one.
+
     Raises:
-        TransformError: missing, unreadable, or not 3D.
+        TransformError: missing, unreadable, not 3D, not linear, singular or non-finite.
     """
     p = os.fspath(path)
     if not os.path.isfile(p):
@@ -96,4 +111,15 @@ def read_transform(path: PathLike) -> sitk.Transform:
         raise TransformError(f"cannot read initial transform {p}: not an ITK transform file") from err
     if transform.GetDimension() != 3:
         raise TransformError(f"initial transform {p} must be 3D, got {transform.GetDimension()}D")
+    if not transform.IsLinear():
+        raise TransformError(
+            f"initial transform {p} must be linear (rigid or affine), got a {transform.GetName()}; "
+            "a deformable transform is not a pre-alignment"
+        )
+    matrix, offset = linear_part(transform)
+    if not (np.isfinite(matrix).all() and np.isfinite(offset).all()):
+        raise TransformError(f"initial transform {p} has non-finite parameters")
+    det = float(np.linalg.det(matrix))
+    if abs(det) < MIN_DETERMINANT:
+        raise TransformError(f"initial transform {p} is singular (determinant {det:.3g}): it maps space onto a plane")
     return transform

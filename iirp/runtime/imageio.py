@@ -1,4 +1,4 @@
-"""Reading inputs with clear errors, and writing outputs atomically.
+"""Reading inputs with clear errors, and writing image outputs that are checked and atomic.
 
 Any format SimpleITK reads is accepted (NIfTI, NRRD, MHA, ...). Every
 problem with an input becomes an :class:`~iirp.errors.ImageError` whose
@@ -7,71 +7,186 @@ message names the role (fixed, moving, ...) and the file.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
-import json
+import logging
+import math
 import os
-import shutil
 import struct
+import sys
 import tempfile
+import threading
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import SimpleITK as sitk
 
+from iirp.atomic import Owned, StagedFolder
 from iirp.errors import ImageError, OutputError
 from iirp.typing import PathLike
 
-__all__ = ["read_image", "read_labels", "check_output_dir", "AtomicOutputDir"]
+__all__ = [
+    "REGISTRATION_OUTPUTS", "MARKER", "NiftiHeader", "parse_nifti_header", "read_image", "read_labels",
+    "write_nifti", "check_output_dir", "AtomicOutputDir",
+]
 
 
 _NIFTI1_HEADER_BYTES = 348
-#: NIfTI-1 float datatypes whose voxels ITK's reader silently turns from NaN/Inf into 0.
+_NIFTI2_HEADER_BYTES = 540
+#: NIfTI float datatypes whose voxels ITK's reader silently turns from NaN/Inf into 0.
 _NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}
+#: NIfTI complex datatypes (complex64, complex128, complex256).
+_NIFTI_COMPLEX_TYPES = {32, 1792, 2048}
+
+
+@dataclass(frozen=True)
+class NiftiHeader:
+    """The fields of a NIfTI-1 or NIfTI-2 header that say how long the file must be.
+
+    Attributes:
+        version: 1 or 2.
+        endian: ``"<"`` or ``">"``.
+        dims: ``dim[1..dim[0]]``.
+        datatype: NIfTI datatype code.
+        bitpix: bits per voxel (all components).
+        vox_offset: byte offset of the voxel data.
+    """
+
+    version: int
+    endian: str
+    dims: tuple[int, ...]
+    datatype: int
+    bitpix: int
+    vox_offset: int
+
+    @property
+    def count(self) -> int:
+        """Voxels (times components) the data holds."""
+        return int(np.prod([max(d, 1) for d in self.dims], dtype=np.int64))
+
+    @property
+    def file_size(self) -> int:
+        """Bytes of a complete single-file NIfTI (``.nii``) with this header."""
+        return self.vox_offset + self.count * self.bitpix // 8
+
+
+def parse_nifti_header(raw: bytes, where: str) -> Optional[NiftiHeader]:
+    """The header of a single-file NIfTI (``.nii``) from its first bytes; None if ``raw`` is not one.
+
+    Args:
+        raw: the file's bytes (at least the header), uncompressed.
+        where: how messages name the file, e.g. ``"fixed image a.nii.gz"``.
+
+    Returns:
+        The header, or None when the first four bytes are neither 348 nor 540 in either byte
+        order (not NIfTI: left to SimpleITK) or the file is shorter than its header.
+
+    Raises:
+        ImageError: a NIfTI-sized header whose magic is not ``n+1``/``n+2`` (ITK would read it as
+            Analyze 7.5 and drop the origin and direction), or whose dimensions, datatype or voxel
+            offset are impossible.
+    """
+    if len(raw) < 4:
+        return None
+    for endian in "<>":
+        size = struct.unpack(endian + "i", raw[:4])[0]
+        if size in (_NIFTI1_HEADER_BYTES, _NIFTI2_HEADER_BYTES) and len(raw) >= size:
+            break
+    else:
+        return None
+    if size == _NIFTI1_HEADER_BYTES:
+        magic, expected_magic = raw[344:348], b"n+1\x00"
+        ndim, *dims = struct.unpack(endian + "8h", raw[40:56])
+        datatype, bitpix = struct.unpack(endian + "2h", raw[70:74])
+        offset = struct.unpack(endian + "f", raw[108:112])[0]
+        version = 1
+    else:
+        magic, expected_magic = raw[4:12], b"n+2\x00\r\n\x1a\n"
+        datatype, bitpix = struct.unpack(endian + "2h", raw[12:16])
+        ndim, *dims = struct.unpack(endian + "8q", raw[16:80])
+        offset = struct.unpack(endian + "q", raw[168:176])[0]
+        version = 2
+    if magic != expected_magic:
+        raise ImageError(
+            f"cannot read {where}: not a single-file NIfTI-{version} (magic {magic!r}, expected {expected_magic!r}); "
+            "it would be read as Analyze 7.5, losing its origin and direction"
+        )
+    if not (1 <= ndim <= 7 and bitpix > 0 and math.isfinite(offset) and offset >= size
+            and all(d >= 0 for d in dims[:ndim])):
+        raise ImageError(
+            f"cannot read {where}: impossible NIfTI header (dim {[ndim, *dims]}, bitpix {bitpix}, vox_offset {offset})"
+        )
+    return NiftiHeader(version, endian, tuple(int(d) for d in dims[:ndim]), int(datatype), int(bitpix), int(offset))
 
 
 def _nifti_raw_check(path: Path, role: str) -> None:
-    """Checks ITK's NIfTI reader skips: truncated voxel data (read as zeros) and NaN/Inf (read as 0).
+    """Checks ITK's NIfTI reader skips: a wrong magic (read as Analyze), truncated voxel data
+    (read as zeros), NaN/Inf (read as 0), complex voxels.
 
-    Only NIfTI-1 files (``.nii``, ``.nii.gz``) are checked; anything else returns.
+    Only single-file NIfTI (``.nii``, ``.nii.gz``) is checked; anything else returns.
 
     Raises:
-        ImageError: the file is truncated or holds non-finite voxels.
+        ImageError: the file is corrupt, truncated, complex or holds non-finite voxels.
     """
     name = path.name.lower()
     if not (name.endswith(".nii") or name.endswith(".nii.gz")):
         return
     opener = gzip.open if name.endswith(".gz") else open
+    where = f"{role} image {path}"
     try:
         with opener(path, "rb") as fh:
             raw = fh.read()
     except (OSError, EOFError, zlib.error) as err:
-        raise ImageError(f"cannot read {role} image {path}: truncated or corrupt compressed data") from err
-    if len(raw) < _NIFTI1_HEADER_BYTES:
-        return  # SimpleITK reports a short header itself
-    for endian in "<>":
-        if struct.unpack(endian + "i", raw[:4])[0] == _NIFTI1_HEADER_BYTES:
-            break
-    else:
-        return  # NIfTI-2 or not NIfTI: left to SimpleITK
-    dims = struct.unpack(endian + "8h", raw[40:56])
-    datatype, bitpix = struct.unpack(endian + "2h", raw[70:74])
-    vox_offset = int(struct.unpack(endian + "f", raw[108:112])[0])
-    if not 1 <= dims[0] <= 7 or bitpix <= 0:
-        return
-    count = int(np.prod([max(d, 1) for d in dims[1 : dims[0] + 1]], dtype=np.int64))
-    expected = vox_offset + count * bitpix // 8
-    if len(raw) < expected:
+        raise ImageError(f"cannot read {where}: truncated or corrupt compressed data") from err
+    header = parse_nifti_header(raw, where)
+    if header is None:
+        return  # not NIfTI, or a short header: SimpleITK reports it
+    if len(raw) < header.file_size:
         raise ImageError(
-            f"cannot read {role} image {path}: truncated (voxel data {len(raw) - vox_offset} of "
-            f"{expected - vox_offset} bytes)"
+            f"cannot read {where}: truncated (voxel data {max(len(raw) - header.vox_offset, 0)} of "
+            f"{header.file_size - header.vox_offset} bytes)"
         )
-    if datatype in _NIFTI_FLOAT_TYPES:
-        values = np.frombuffer(raw, dtype=endian + _NIFTI_FLOAT_TYPES[datatype], count=count, offset=vox_offset)
+    if header.datatype in _NIFTI_COMPLEX_TYPES:
+        raise ImageError(f"{where} must be a real-valued image, got complex voxels (NIfTI datatype {header.datatype})")
+    if header.datatype in _NIFTI_FLOAT_TYPES:
+        values = np.frombuffer(raw, dtype=header.endian + _NIFTI_FLOAT_TYPES[header.datatype], count=header.count,
+                               offset=header.vox_offset)
         bad = int(np.count_nonzero(~np.isfinite(values)))
         if bad:
             raise ImageError(f"{role} image {path} has NaN/Inf values in {bad} voxel(s)")
+
+
+@contextlib.contextmanager
+def c_stderr_to_log() -> Iterator[None]:
+    """Send what C libraries print on file descriptor 2 during the block to the ``iirp.itk`` logger.
+
+    ITK's NIfTI library (niftilib) reports read and write problems with ``fprintf(stderr, ...)``,
+    bypassing ITK's own logger; the toolkit reports them itself, as one line. The main thread only
+    (the descriptor is process-wide); elsewhere the block runs unchanged.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):
+        yield
+        return
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            text = sink.read().decode("utf-8", "replace").strip()
+            if text:
+                logging.getLogger("iirp.itk").warning(text)
 
 
 def _reader_reason(err: RuntimeError) -> str:
@@ -86,25 +201,63 @@ def _reader_reason(err: RuntimeError) -> str:
     return "unreadable or corrupt"
 
 
+#: Largest deviation of ``D^T D`` from the identity that still counts as orthonormal direction cosines
+#: (text formats store 6 to 8 digits; a sheared grid is off by far more).
+DIRECTION_TOLERANCE = 1e-3
+_COMPLEX_PIXELS = {sitk.sitkComplexFloat32, sitk.sitkComplexFloat64}
+
+
+def _check_geometry(image: sitk.Image, where: str) -> None:
+    """Spacing positive and finite, origin finite, direction cosines orthonormal.
+
+    Raises:
+        ImageError: otherwise. A sheared (non-orthonormal) grid is refused rather than resampled:
+            ITK would coerce it to orthogonal on writing, putting the outputs on another grid.
+    """
+    spacing = np.asarray(image.GetSpacing(), dtype=np.float64)
+    origin = np.asarray(image.GetOrigin(), dtype=np.float64)
+    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    if not (np.isfinite(spacing).all() and (spacing > 0).all()):
+        raise ImageError(f"{where} has an invalid voxel spacing {tuple(spacing)} (must be positive and finite)")
+    if not np.isfinite(origin).all():
+        raise ImageError(f"{where} has a non-finite origin {tuple(origin)}")
+    if not np.isfinite(direction).all():
+        raise ImageError(f"{where} has non-finite direction cosines")
+    deviation = float(np.abs(direction.T @ direction - np.eye(3)).max())
+    if deviation > DIRECTION_TOLERANCE:
+        raise ImageError(
+            f"{where} has sheared (non-orthonormal) direction cosines (|D^T D - I| = {deviation:.3g}); "
+            "resample it onto an orthogonal grid first"
+        )
+
+
 def _read(path: PathLike, role: str) -> sitk.Image:
     p = Path(os.fspath(path))
+    where = f"{role} image {p}"
     if not p.exists():
         raise ImageError(f"{role} image not found: {p}")
     if not p.is_file():
         raise ImageError(f"{role} image is not a file: {p}")
     _nifti_raw_check(p, role)
     try:
-        image = sitk.ReadImage(str(p))
+        with c_stderr_to_log():
+            image = sitk.ReadImage(str(p))
     except RuntimeError as err:
-        raise ImageError(f"cannot read {role} image {p}: {_reader_reason(err)}") from err
+        raise ImageError(f"cannot read {where}: {_reader_reason(err)}") from err
+    except MemoryError as err:
+        raise ImageError(f"cannot read {where}: too large for this machine's memory") from err
     if image.GetDimension() != 3:
-        raise ImageError(f"{role} image {p} must be 3D, got {image.GetDimension()}D (size {image.GetSize()})")
+        raise ImageError(f"{where} must be 3D, got {image.GetDimension()}D (size {image.GetSize()})")
+    if image.GetPixelID() in _COMPLEX_PIXELS:
+        raise ImageError(f"{where} must be a real-valued image, got {image.GetPixelIDTypeAsString()}")
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise ImageError(
-            f"{role} image {p} must be scalar, got {image.GetNumberOfComponentsPerPixel()} components per voxel"
+            f"{where} must be scalar, got {image.GetNumberOfComponentsPerPixel()} components per voxel"
+            f" ({image.GetPixelIDTypeAsString()})"
         )
     if min(image.GetSize()) < 2:
-        raise ImageError(f"{role} image {p} must have at least 2 voxels per axis, got size {image.GetSize()}")
+        raise ImageError(f"{where} must have at least 2 voxels per axis, got size {image.GetSize()}")
+    _check_geometry(image, where)
     return image
 
 
@@ -112,7 +265,7 @@ def read_image(path: PathLike, role: str) -> sitk.Image:
     """Read a 3D scalar intensity image as float32.
 
     Raises:
-        ImageError: missing, unreadable, not 3D, not scalar, NaN/Inf voxels, or constant.
+        ImageError: missing, unreadable, not 3D, not a real scalar, sheared, NaN/Inf voxels, or constant.
     """
     image = sitk.Cast(_read(path, role), sitk.sitkFloat32)
     values = sitk.GetArrayViewFromImage(image)
@@ -128,7 +281,7 @@ def read_labels(path: PathLike, role: str) -> sitk.Image:
     """Read a 3D label map, keeping its pixel type.
 
     Raises:
-        ImageError: missing, unreadable, not 3D, not scalar, or NaN/Inf labels.
+        ImageError: missing, unreadable, not 3D, not a real scalar, sheared, or NaN/Inf labels.
     """
     image = _read(path, role)
     values = sitk.GetArrayViewFromImage(image)
@@ -137,31 +290,83 @@ def read_labels(path: PathLike, role: str) -> sitk.Image:
     return image
 
 
-def check_output_dir(path: PathLike) -> Path:
-    """Check that ``path`` is, or can be created as, a writable folder. Creates nothing.
+#: The files ``iirp-run`` writes into an output folder (report.json, the commit marker, last).
+REGISTRATION_OUTPUTS = frozenset(
+    {"warped.nii.gz", "displacement.nii.gz", "warped_seg.nii.gz", "affine.tfm", "qc.png", "report.json"}
+)
+#: The file published last: a folder without it is incomplete.
+MARKER = "report.json"
+#: zlib level of the ``.nii.gz`` outputs.
+GZIP_LEVEL = 6
+_CHUNK = 1 << 22
+
+
+def write_nifti(path: str, image: sitk.Image, *, compress: bool = True, level: int = GZIP_LEVEL) -> int:
+    """Write ``image`` as a NIfTI file at ``path`` and check that every byte arrived.
+
+    SimpleITK's writer does not report a short write (disk full, file-size limit), so it writes
+    an uncompressed ``.nii`` whose size is checked against its own header; with ``compress`` that
+    file is then gzip-compressed here (Python I/O raises on every failed write) and removed. The
+    decompressed bytes are exactly what SimpleITK writes, so every NIfTI reader reads the same
+    image.
+
+    Args:
+        path: the target file (``.nii.gz`` with ``compress``, else ``.nii``).
+        image: any image SimpleITK writes as NIfTI.
+        compress: gzip the file.
+        level: zlib compression level 1..9.
+
+    Returns:
+        The size in bytes of the file at ``path``.
 
     Raises:
-        OutputError: a file is in the way or a parent is not writable.
+        OSError: a write failed (the caller maps it to OutputError).
+        OutputError: SimpleITK could not write, or its file is short.
     """
-    p = Path(os.fspath(path)).absolute()
-    if p.exists():
-        if not p.is_dir():
-            raise OutputError(f"output folder {p} exists and is not a folder")
-        if not os.access(p, os.W_OK | os.X_OK):
-            raise OutputError(f"output folder {p} is not writable")
-        return p
-    parent = p.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise OutputError(f"output folder {p} cannot be created: {parent} is not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"output folder {p} cannot be created: {parent} is not writable")
-    return p
+    plain = path[: -len(".gz")] if compress and path.endswith(".gz") else path + (".nii" if compress else "")
+    try:
+        with c_stderr_to_log():
+            sitk.WriteImage(image, plain, useCompression=False)
+    except RuntimeError as err:
+        raise OutputError(f"cannot write {os.path.basename(path)}: {_reader_reason(err)}") from err
+    try:
+        with open(plain, "rb") as fh:
+            header = parse_nifti_header(fh.read(_NIFTI2_HEADER_BYTES), os.path.basename(path))
+        size = os.stat(plain).st_size
+        if header is None or size != header.file_size:
+            expected = header.file_size if header is not None else "a NIfTI header"
+            raise OutputError(
+                f"cannot write {os.path.basename(path)}: short write ({size} of {expected} bytes; "
+                "disk full or size limit?)"
+            )
+        if not compress:
+            return size
+        with open(plain, "rb") as src, open(path, "wb") as raw:
+            with gzip.GzipFile(filename="", mode="wb", compresslevel=level, fileobj=raw, mtime=0) as gz:
+                for chunk in iter(lambda: src.read(_CHUNK), b""):
+                    gz.write(chunk)
+            raw.flush()
+            written = raw.tell()
+        return written
+    finally:
+        if compress and os.path.exists(plain):
+            os.remove(plain)
 
 
-class AtomicOutputDir:
-    """Stage output files in a hidden folder, then move them into place together.
+def check_output_dir(path: PathLike, *, overwrite: bool = False, owned: Owned | None = None,
+                     role: str = "output folder") -> Path:
+    """Check that ``path`` can take the outputs before any work; see :func:`iirp.atomic.check_output_folder`.
+
+    ``owned`` defaults to nothing (no emptiness check); pass :data:`REGISTRATION_OUTPUTS` for a
+    registration's folder.
+    """
+    from iirp.atomic import check_output_folder
+
+    return check_output_folder(path, overwrite=overwrite, owned=owned, role=role)
+
+
+class AtomicOutputDir(StagedFolder):
+    """A registration's outputs, all or nothing: :class:`iirp.atomic.StagedFolder` plus NIfTI images.
 
     Usage::
 
@@ -169,63 +374,21 @@ class AtomicOutputDir:
             stage.write_image("warped.nii.gz", image)
             stage.write_json("report.json", report)
 
-    On normal exit every staged file is renamed into ``out`` (created if
-    needed); on an exception the staging folder is removed and ``out`` is left
-    as it was (a folder created for this run is removed again).
+    ``report.json`` is published last. With ``overwrite`` the previous run's files
+    (:data:`REGISTRATION_OUTPUTS`) are replaced as a set.
     """
 
-    def __init__(self, path: PathLike) -> None:
-        self.path = check_output_dir(path)
-        self._created = False
-        self._stage: Path | None = None
-        self._names: list[str] = []
+    def __init__(self, path: PathLike, *, overwrite: bool = False) -> None:
+        super().__init__(path, marker=MARKER, overwrite=overwrite, replaceable=REGISTRATION_OUTPUTS)
 
-    def __enter__(self) -> "AtomicOutputDir":
-        if not self.path.exists():
-            try:
-                self.path.mkdir(parents=True)
-            except OSError as err:
-                raise OutputError(f"output folder {self.path} cannot be created: {err.strerror}") from err
-            self._created = True
-        try:
-            self._stage = Path(tempfile.mkdtemp(prefix=".iirp-partial-", dir=self.path))
-        except OSError as err:
-            self._cleanup()
-            raise OutputError(f"output folder {self.path} is not writable: {err.strerror}") from err
-        return self
-
-    def _target(self, name: str) -> Path:
-        assert self._stage is not None, "use AtomicOutputDir as a context manager"
-        self._names.append(name)
-        return self._stage / name
+    def write_image(self, name: str, image: sitk.Image, *, compress: bool = True) -> Path:
+        """Stage ``image`` as NIfTI (:func:`write_nifti`); returns its final path."""
+        return self.write(name, lambda p: write_nifti(p, image, compress=compress))
 
     def write_with(self, name: str, writer: Callable[[str], Any]) -> Path:
-        """Stage ``name`` by calling ``writer(staged_path)``; returns its final path."""
-        writer(str(self._target(name)))
-        return self.path / name
+        """Stage ``name`` by ``writer(staged_path)``; returns its final path."""
 
-    def write_image(self, name: str, image: sitk.Image) -> Path:
-        return self.write_with(name, lambda p: sitk.WriteImage(image, p, useCompression=True))
+        def _write(staged: str) -> None:
+            writer(staged)
 
-    def write_json(self, name: str, payload: Any) -> Path:
-        def _dump(p: str) -> None:
-            with open(p, "w") as fh:
-                json.dump(payload, fh, indent=2)
-                fh.write("\n")
-
-        return self.write_with(name, _dump)
-
-    def _cleanup(self) -> None:
-        if self._stage is not None:
-            shutil.rmtree(self._stage, ignore_errors=True)
-        if self._created:
-            shutil.rmtree(self.path, ignore_errors=True)
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc_type is not None:
-            self._cleanup()
-            return
-        assert self._stage is not None
-        for name in self._names:
-            os.replace(self._stage / name, self.path / name)
-        shutil.rmtree(self._stage, ignore_errors=True)
+        return self.write(name, _write)

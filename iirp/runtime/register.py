@@ -14,6 +14,7 @@ Steps (see :mod:`iirp.runtime.geometry` for the conventions):
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -24,18 +25,20 @@ import numpy as np
 import SimpleITK as sitk
 
 import iirp
+from iirp.atomic import check_free_space
+from iirp.errors import OutputError, RegistrationError
 from iirp.iterstop import DEFAULT_DELTA, DEFAULT_MAX_ITERS, parse_iterstop
 from iirp.runtime.affine import read_transform, register_affine
 from iirp.runtime.deformation import apply_field, displacement_field, folding_fraction
 from iirp.runtime.geometry import ModelGrid, array_from_image, model_grid_for, orient, same_grid
-from iirp.runtime.imageio import AtomicOutputDir, check_output_dir, read_image, read_labels
+from iirp.runtime.imageio import REGISTRATION_OUTPUTS, AtomicOutputDir, check_output_dir, read_image, read_labels
 from iirp.runtime.intensity import normalize, parse_intensity
 from iirp.runtime.solvers import FlowSolver
 from iirp.typing import PathLike
 
 __all__ = [
-    "RegistrationOptions", "PreparedPair", "Registration", "prepare_pair", "register_images", "register_files",
-    "write_registration",
+    "RegistrationOptions", "PreparedPair", "Registration", "PairInputs", "prepare_pair", "read_inputs",
+    "register_images", "register_files", "write_registration", "output_bytes",
 ]
 
 
@@ -71,6 +74,7 @@ class PreparedPair:
         grid: the model grid.
         voxel_for_voxel: the fixed image was used without resampling.
         pre_alignment: fixed -> moving transform the moving image was resampled with, or None.
+        warnings: what the preparation found questionable but not fatal (a small overlap).
     """
 
     fixed: np.ndarray
@@ -78,6 +82,7 @@ class PreparedPair:
     grid: ModelGrid
     voxel_for_voxel: bool
     pre_alignment: Optional[sitk.Transform]
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
 
 def _on_grid(image: sitk.Image, grid: ModelGrid, transform: Optional[sitk.Transform]) -> np.ndarray:
@@ -132,7 +137,40 @@ def prepare_pair(
     timings["preprocess"] = (t1 - t0 + t3 - t2) * 1e3
     if pre_alignment is not None:
         timings["affine"] = (t2 - t1) * 1e3
-    return PreparedPair(fixed_array, moving_array, grid, voxel_for_voxel, pre_alignment)
+    pair = PreparedPair(fixed_array, moving_array, grid, voxel_for_voxel, pre_alignment)
+    pair.warnings.extend(_overlap(pair, names))
+    return pair
+
+
+#: Normalised intensity above which a fixed-image voxel counts as foreground for the overlap check.
+FOREGROUND_LEVEL = 0.1
+#: Below this share of the fixed foreground covered by the moving image, the result carries a warning.
+MIN_COVERAGE = 0.5
+
+
+def _overlap(pair: PreparedPair, names: tuple[str, str]) -> list[str]:
+    """Refuse a pair whose images do not meet on the model grid; a warning for a small overlap.
+
+    Intensities are normalised to [0, 1]; foreground is above :data:`FOREGROUND_LEVEL`.
+
+    Raises:
+        RegistrationError: no foreground of the moving (or fixed) image lies on the model grid, e.g. the
+            moving image lies elsewhere in space, has an absurd spacing, or the pre-alignment moves it away:
+            there is nothing to register.
+    """
+    for array, name in ((pair.moving, names[1]), (pair.fixed, names[0])):
+        if not float(array.max()) > FOREGROUND_LEVEL:
+            raise RegistrationError(
+                f"{name} does not overlap the fixed image: none of its foreground lies on the model grid (after "
+                "the pre-alignment); check the images' origin, spacing and direction, or pass --affine"
+            )
+    foreground = pair.fixed > FOREGROUND_LEVEL
+    coverage = float(np.count_nonzero(pair.moving[foreground] > FOREGROUND_LEVEL)) / max(
+        int(np.count_nonzero(foreground)), 1)
+    if coverage < MIN_COVERAGE:
+        return [f"{names[1]} covers only {100 * coverage:.0f}% of the fixed image's foreground on the model grid; "
+                "check the pre-alignment"]
+    return []
 
 
 @dataclass
@@ -185,9 +223,13 @@ def register_images(
     """
     timings = timings_ms if timings_ms is not None else {}
     rule = parse_iterstop(options.iterstop, options.delta, options.max_iters)
+    if moving_seg is not None:
+        _check_labels_overlap(moving_seg, moving, names[1])
     pair = prepare_pair(fixed, moving, solver.model_size, options, timings, names=names, initial=initial)
+    warnings = list(pair.warnings)
     trace = solver.solve(pair.moving, pair.fixed, rule)
     timings.update(trace.timings_ms)
+    _check_finite(trace, getattr(solver, "source", "the model"))
 
     t0 = time.perf_counter()
     field = displacement_field(trace.flow, pair.grid, fixed, pair.pre_alignment)
@@ -196,6 +238,8 @@ def register_images(
     warped = apply_field(moving, fixed, field)
     warped_seg = apply_field(moving_seg, fixed, field, labels=True) if moving_seg is not None else None
     timings["warp"] = (time.perf_counter() - t0) * 1e3
+    if warped_seg is not None and not _any_label(warped_seg):
+        warnings.append("no label of the moving label map reached the fixed image's grid: warped_seg is empty")
     before = sitk.Resample(
         moving, fixed, pair.pre_alignment or sitk.Transform(3, sitk.sitkIdentity), sitk.sitkLinear, 0.0,
         sitk.sitkFloat32,
@@ -219,9 +263,112 @@ def register_images(
             "initial_transform" if options.initial_transform is not None else "affine" if options.affine else None
         ),
         "model_grid": {**pair.grid.to_dict(), "voxel_for_voxel": pair.voxel_for_voxel},
+        "warnings": warnings,
         "timings_ms": timings,
     }
     return Registration(fixed, before, warped, field, warped_seg, pair.pre_alignment, report)
+
+
+def _check_finite(trace: Any, source: str) -> None:
+    """A NaN/Inf flow or score is an error (e.g. a checkpoint or engine with broken weights), never an output.
+
+    Raises:
+        RegistrationError: the flow or an IterStop score is not finite.
+    """
+    if not np.isfinite(trace.flow).all():
+        bad = int(np.count_nonzero(~np.isfinite(trace.flow)))
+        raise RegistrationError(f"the model ({source}) produced a non-finite flow ({bad} NaN/Inf values); "
+                                "its weights or engines may be corrupt")
+    scores = [v for level in trace.scores for v in level]
+    if not np.isfinite(scores).all():
+        raise RegistrationError(f"the model ({source}) produced a non-finite IterStop score")
+
+
+def _any_label(labels: sitk.Image) -> bool:
+    return bool(np.any(sitk.GetArrayViewFromImage(labels)))
+
+
+def _physical_box(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
+    """Axis-aligned physical bounding box (mm, LPS) of an image's voxel domain, half a voxel beyond the centres."""
+    size = np.asarray(image.GetSize(), dtype=np.float64)
+    corners = np.array([[(-0.5 if b == 0 else n - 0.5) for b, n in zip(bits, size)]
+                        for bits in np.ndindex(2, 2, 2)])
+    points = np.array([image.TransformContinuousIndexToPhysicalPoint(tuple(c)) for c in corners])
+    return points.min(axis=0), points.max(axis=0)
+
+
+def _check_labels_overlap(labels: sitk.Image, moving: sitk.Image, moving_name: str) -> None:
+    """The moving label map must lie where the moving image is.
+
+    Raises:
+        RegistrationError: their physical extents do not intersect (labels that could never be warped).
+    """
+    lo_a, hi_a = _physical_box(labels)
+    lo_b, hi_b = _physical_box(moving)
+    if np.any(hi_a < lo_b) or np.any(hi_b < lo_a):
+        raise RegistrationError(
+            f"the moving label map does not overlap {moving_name} in space (its extent "
+            f"{np.round(lo_a, 1).tolist()}..{np.round(hi_a, 1).tolist()} mm): is it the moving image's label map?"
+        )
+
+
+@dataclass
+class PairInputs:
+    """A pair's files, read and validated before any model is loaded (:func:`read_inputs`).
+
+    Attributes:
+        fixed, moving: float32 scalar 3D images.
+        moving_seg: the moving label map (its own pixel type), or None.
+        initial: the ``--initial-transform`` (fixed -> moving points), or None.
+        paths: ``fixed``, ``moving``, ``moving_seg``, ``initial_transform`` as given (None where absent).
+        read_ms: time spent reading.
+    """
+
+    fixed: sitk.Image
+    moving: sitk.Image
+    moving_seg: Optional[sitk.Image]
+    initial: Optional[sitk.Transform]
+    paths: dict[str, Optional[str]]
+    read_ms: float
+
+    @property
+    def names(self) -> tuple[str, str]:
+        """How error messages name the two images."""
+        return f"fixed image {self.paths['fixed']}", f"moving image {self.paths['moving']}"
+
+
+def read_inputs(
+    fixed_path: PathLike, moving_path: PathLike, *, moving_seg: Optional[PathLike] = None,
+    options: RegistrationOptions = RegistrationOptions(),
+) -> PairInputs:
+    """Read and check every input file of a registration (cheap: no model needed).
+
+    Raises:
+        ImageError / TransformError: a missing, unreadable or unusable file (see :func:`read_image`,
+            :func:`read_labels`, :func:`~iirp.runtime.affine.read_transform`).
+    """
+    t0 = time.perf_counter()
+    fixed = read_image(fixed_path, "fixed")
+    moving = read_image(moving_path, "moving")
+    seg = read_labels(moving_seg, "moving-seg") if moving_seg is not None else None
+    initial = read_transform(options.initial_transform) if options.initial_transform is not None else None
+    paths = {
+        "fixed": str(fixed_path),
+        "moving": str(moving_path),
+        "moving_seg": str(moving_seg) if moving_seg is not None else None,
+        "initial_transform": str(options.initial_transform) if options.initial_transform is not None else None,
+    }
+    return PairInputs(fixed, moving, seg, initial, paths, (time.perf_counter() - t0) * 1e3)
+
+
+def output_bytes(fixed: sitk.Image, moving_seg: Optional[sitk.Image]) -> int:
+    """Disk space the NIfTI outputs need while they are written: all of them uncompressed, plus the largest
+    again (it is staged uncompressed, then compressed)."""
+    voxels = int(np.prod(fixed.GetSize(), dtype=np.int64))
+    sizes = [voxels * 4, voxels * 12]  # warped (float32), displacement (3 x float32)
+    if moving_seg is not None:
+        sizes.append(voxels * np.dtype(sitk.GetArrayViewFromImage(moving_seg).dtype).itemsize)
+    return sum(sizes) + max(sizes) + (1 << 16)
 
 
 def register_files(
@@ -233,14 +380,21 @@ def register_files(
     moving_seg: Optional[PathLike] = None,
     options: RegistrationOptions = RegistrationOptions(),
     qc: bool = False,
+    overwrite: bool = False,
+    inputs: Optional[PairInputs] = None,
 ) -> dict[str, Any]:
     """Register ``moving`` to ``fixed`` and write the outputs into ``out_dir``.
 
     Writes ``warped.nii.gz`` (float32, fixed grid), ``displacement.nii.gz`` (ITK
     displacement field, float32 3-vectors, mm, LPS, fixed grid),
     ``warped_seg.nii.gz`` (with ``moving_seg``), ``affine.tfm`` (with a
-    pre-alignment), ``qc.png`` (with ``qc``, :mod:`iirp.qc`) and ``report.json``;
-    all or nothing.
+    pre-alignment), ``qc.png`` (with ``qc``, :mod:`iirp.qc`) and ``report.json``
+    (last); all or nothing.
+
+    Args:
+        overwrite: replace an earlier run's outputs in ``out_dir``; without it ``out_dir`` must be
+            empty or new.
+        inputs: the files already read by :func:`read_inputs` (the paths above are then only names).
 
     Returns:
         The report (also written as ``report.json``).
@@ -249,39 +403,34 @@ def register_files(
         IirpError subclasses for any bad input; nothing is written then.
     """
     t_start = time.perf_counter()
-    timings: dict[str, float] = {}
-    check_output_dir(out_dir)
+    check_output_dir(out_dir, overwrite=overwrite, owned=REGISTRATION_OUTPUTS)
     parse_iterstop(options.iterstop, options.delta, options.max_iters)
     parse_intensity(options.intensity)
-
-    t0 = time.perf_counter()
-    fixed = read_image(fixed_path, "fixed")
-    moving = read_image(moving_path, "moving")
-    seg = read_labels(moving_seg, "moving-seg") if moving_seg is not None else None
-    initial = read_transform(options.initial_transform) if options.initial_transform is not None else None
-    timings["read"] = (time.perf_counter() - t0) * 1e3
-
-    names = (f"fixed image {fixed_path}", f"moving image {moving_path}")
+    if inputs is None:
+        inputs = read_inputs(fixed_path, moving_path, moving_seg=moving_seg, options=options)
+    check_free_space(out_dir, output_bytes(inputs.fixed, inputs.moving_seg))
+    timings: dict[str, float] = {"read": inputs.read_ms}
     result = register_images(
-        fixed, moving, solver, moving_seg=seg, options=options, names=names, initial=initial, timings_ms=timings
+        inputs.fixed, inputs.moving, solver, moving_seg=inputs.moving_seg, options=options, names=inputs.names,
+        initial=inputs.initial, timings_ms=timings,
     )
     report = result.report
-    report["inputs"] = {
-        "fixed": str(fixed_path),
-        "moving": str(moving_path),
-        "moving_seg": str(moving_seg) if moving_seg is not None else None,
-        "initial_transform": str(options.initial_transform) if options.initial_transform else None,
-    }
-    write_registration(result, out_dir, qc=qc, t_start=t_start)
+    report["inputs"] = dict(inputs.paths)
+    write_registration(result, out_dir, qc=qc, t_start=t_start, overwrite=overwrite)
     return report
 
 
 def write_registration(
-    result: Registration, out_dir: PathLike, *, qc: bool = False, title: str = "", t_start: Optional[float] = None
+    result: Registration, out_dir: PathLike, *, qc: bool = False, title: str = "", t_start: Optional[float] = None,
+    overwrite: bool = False,
 ) -> dict[str, str]:
     """Write ``result`` into ``out_dir`` (all or nothing) and record the paths in ``result.report["outputs"]``.
 
+    Every NIfTI file is checked to be complete before the set is published (``report.json`` last).
+
     Args:
+        overwrite: replace an earlier run's outputs (:data:`~iirp.runtime.imageio.REGISTRATION_OUTPUTS`)
+            as a set.
         qc: also write ``qc.png`` (:func:`iirp.qc.write_qc_png`).
         title: the QC picture's title (default: engine, rule and iterations).
         t_start: ``time.perf_counter()`` at the start of the whole run, for ``timings_ms["total"]``.
@@ -302,14 +451,14 @@ def write_registration(
     report["outputs"] = outputs
 
     t0 = time.perf_counter()
-    with AtomicOutputDir(out_dir) as stage:
+    with AtomicOutputDir(out_dir, overwrite=overwrite) as stage:
         stage.write_image("warped.nii.gz", result.warped)
         stage.write_image("displacement.nii.gz", sitk.Cast(result.field, sitk.sitkVectorFloat32))
         if result.warped_seg is not None:
             stage.write_image("warped_seg.nii.gz", result.warped_seg)
         if result.pre_alignment is not None:
             transform = result.pre_alignment
-            stage.write_with("affine.tfm", lambda p: sitk.WriteTransform(transform, p))
+            stage.write_with("affine.tfm", lambda p: _write_transform(transform, p))
         if qc:
             from iirp.qc import write_qc_png
 
@@ -326,3 +475,16 @@ def write_registration(
             timings["total"] = (time.perf_counter() - t_start) * 1e3
         stage.write_json("report.json", report)
     return outputs
+
+
+def _write_transform(transform: sitk.Transform, path: str) -> None:
+    """``sitk.WriteTransform``, then read back: ITK does not report a short write.
+
+    Raises:
+        OutputError: the file cannot be written or read back.
+    """
+    try:
+        sitk.WriteTransform(transform, path)
+        sitk.ReadTransform(path)
+    except RuntimeError as err:
+        raise OutputError(f"cannot write {os.path.basename(path)}: the file is incomplete or unwritable") from err

@@ -80,6 +80,27 @@ class TorchSolver:
 SOLVERS: dict[str, Callable[[PathLike, str], FlowSolver]] = {"torch": TorchSolver}
 
 
+def check_request(
+    engine: str, *, checkpoint: PathLike | None = None, engines: PathLike | None = None, device: str = "cpu"
+) -> None:
+    """The cheap checks of :func:`make_solver` (nothing is loaded): one source, a known device that exists.
+
+    Raises:
+        IirpError: neither or both sources, a malformed device, an engine that needs ``--engines``, or a
+            CUDA device that is not there.
+    """
+    if (checkpoint is None) == (engines is None):
+        raise IirpError("give exactly one of --checkpoint CKPT or --engines DIR")
+    if not (device == "cpu" or device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise IirpError(f"make_solver(): device must be 'cpu' or 'cuda[:N]', got {device!r}")
+    if engines is None and engine not in SOLVERS and device == "cpu":
+        raise IirpError(f"engine {engine!r} needs --engines DIR (an iirp-export folder); with --checkpoint use torch")
+    if device != "cpu" and engine == "torch":
+        from iirp.runtime.gpu_pipeline import cuda_device
+
+        cuda_device("make_solver()", device)
+
+
 def make_solver(
     engine: str, *, checkpoint: PathLike | None = None, engines: PathLike | None = None, device: str = "cpu"
 ) -> FlowSolver:
@@ -97,10 +118,7 @@ def make_solver(
         IirpError: neither or both sources, unknown engine or device, or the solver cannot be built
             (``CudaUnavailableError`` when ``cuda`` is asked for and there is no device).
     """
-    if (checkpoint is None) == (engines is None):
-        raise IirpError("give exactly one of --checkpoint CKPT or --engines DIR")
-    if not (device == "cpu" or device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
-        raise IirpError(f"make_solver(): device must be 'cpu' or 'cuda[:N]', got {device!r}")
+    check_request(engine, checkpoint=checkpoint, engines=engines, device=device)
     if device != "cpu" and engine == "torch":
         return _cuda_solver(checkpoint, engines, device)
     if engines is not None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from support import tiny_inputs
+from support import stale_partial, tiny_inputs
 
 sitk = pytest.importorskip("SimpleITK")
 torch = pytest.importorskip("torch")
@@ -53,8 +53,8 @@ def rpnet_run(data: dict, tmp_path_factory: pytest.TempPathFactory):  # type: ig
 @pytest.fixture(scope="module")
 def official_run(data: dict, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     out = tmp_path_factory.mktemp("official_run") / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("not ours\n")
+    out.mkdir()  # an existing empty folder, holding only what a killed run left behind
+    stale_partial(out)
     result = _invoke([data["fixed"], data["moving"], "--checkpoint", data["ckpt"], "-o", out, "--iterstop", "official"])
     return out, result
 
@@ -78,11 +78,10 @@ def test_rpnet_outputs(rpnet_run) -> None:  # type: ignore[no-untyped-def]
     assert sorted(os.listdir(out)) == ["displacement.nii.gz", "report.json", "warped.nii.gz", "warped_seg.nii.gz"]
 
 
-def test_official_outputs_keep_other_files(official_run) -> None:  # type: ignore[no-untyped-def]
+def test_official_outputs_in_existing_folder(official_run) -> None:  # type: ignore[no-untyped-def]
     out, _ = official_run
-    # no --moving-seg: no warped_seg; a file already there is left alone; no staging folder left
-    assert sorted(os.listdir(out)) == ["displacement.nii.gz", "keep.txt", "report.json", "warped.nii.gz"]
-    assert (out / "keep.txt").read_text() == "not ours\n"
+    # no --moving-seg: no warped_seg; the killed run's partial folder is swept; no staging folder left
+    assert sorted(os.listdir(out)) == ["displacement.nii.gz", "report.json", "warped.nii.gz"]
 
 
 @pytest.mark.parametrize("run", ["rpnet_run", "official_run"])

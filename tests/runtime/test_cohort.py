@@ -91,3 +91,52 @@ def test_cohort_cli_errors(exported, tmp_path: Path) -> None:
                                      "--engines", str(engines), "-o", str(tmp_path / "o")])
     assert result.exit_code == 2 and "--pairs takes its images" in result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_cohort_rows_name_each_failure_in_one_line(exported, tmp_path: Path) -> None:
+    """Every failure is the pair's own one-line reason (no raw library message), and the cohort goes on."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    data, engines = exported
+    complex_image = tmp_path / "complex.nii.gz"
+    array = sitk.GetArrayFromImage(sitk.ReadImage(str(data["moving"])))
+    sitk.WriteImage(sitk.GetImageFromArray((array + 1j * array).astype(np.complex64)), str(complex_image))
+    far = sitk.ReadImage(str(data["moving"]))
+    far.SetOrigin((0.0, 0.0, 9000.0))
+    far_path = tmp_path / "far.nii.gz"
+    sitk.WriteImage(far, str(far_path))
+    csv_path = _write_csv(tmp_path / "pairs.csv", [
+        {"fixed": str(data["fixed"]), "moving": str(complex_image), "id": "complex"},
+        {"fixed": str(data["fixed"]), "moving": str(far_path), "id": "far"},
+        {"fixed": str(data["fixed"]), "moving": str(data["moving"]), "id": "good"},
+    ])
+    out = tmp_path / "out"
+    result = CliRunner().invoke(run_app, ["--pairs", str(csv_path), "--engines", str(engines), "-o", str(out),
+                                          "--iterstop", "rpnet"])
+    assert result.exit_code == 1, result.output
+    with open(out / "summary.csv", newline="") as fh:
+        rows = {r["id"]: r for r in csv.DictReader(fh)}
+    assert rows["complex"]["error"].startswith(f"moving image {complex_image} must be a real-valued image, got complex")
+    assert "sitk" not in rows["complex"]["error"] and "\n" not in rows["complex"]["error"]
+    assert "does not overlap the fixed image" in rows["far"]["error"]
+    assert rows["good"]["status"] == "ok"
+    assert sorted(p.name for p in out.iterdir()) == ["good", "summary.csv"]
+
+
+def test_cohort_rerun_needs_overwrite(exported, tmp_path: Path) -> None:
+    data, engines = exported
+    csv_path = _write_csv(tmp_path / "pairs.csv", [
+        {"fixed": str(data["fixed"]), "moving": str(data["moving"]), "id": "p1"},
+    ])
+    out = tmp_path / "out"
+    args = ["--pairs", str(csv_path), "--engines", str(engines), "-o", str(out), "--iterstop", "rpnet"]
+    assert CliRunner().invoke(run_app, args).exit_code == 0
+    first = (out / "p1" / "report.json").read_bytes()
+    again = CliRunner().invoke(run_app, args)
+    assert again.exit_code == 2 and "cohort output folder" in again.stderr and "--overwrite" in again.stderr
+    assert (out / "p1" / "report.json").read_bytes() == first
+    replaced = CliRunner().invoke(run_app, [*args, "--overwrite"])
+    assert replaced.exit_code == 0, replaced.output
+    assert (out / "p1" / "report.json").read_bytes() != first  # a new run (its timings differ)
+    assert sorted(p.name for p in out.iterdir()) == ["p1", "summary.csv"]
