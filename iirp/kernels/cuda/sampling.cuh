@@ -15,6 +15,11 @@
 //
 // No #include: the NVRTC shipped on PyPI has no CUDA headers, so fp16 is
 // handled with a bit-compatible storage struct and PTX conversions.
+//
+// Host build: tests/cudahost/host_shim.h compiles these sources as host C++
+// (the cudahost tests) and defines IIRP_HOST_SHIM, which replaces only the two
+// inline-PTX conversions by its exact software equivalents. NVRTC never defines
+// it, so the device code is unchanged.
 
 #pragma once
 
@@ -27,9 +32,13 @@ __device__ __forceinline__ float iirp_to_float(float v) { return v; }
 
 __device__ __forceinline__ float iirp_to_float(iirp_half v)
 {
+#if defined(IIRP_HOST_SHIM)
+    return iirp_host::half_to_float(v.bits);
+#else
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.bits));  // exact
     return f;
+#endif
 }
 
 template <typename T> __device__ __forceinline__ T iirp_from_float(float v);
@@ -39,7 +48,11 @@ template <> __device__ __forceinline__ float iirp_from_float<float>(float v) { r
 template <> __device__ __forceinline__ iirp_half iirp_from_float<iirp_half>(float v)
 {
     iirp_half h;
+#if defined(IIRP_HOST_SHIM)
+    h.bits = iirp_host::float_to_half(v);
+#else
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h.bits) : "f"(v));  // round to nearest even, like numpy/torch
+#endif
     return h;
 }
 
