@@ -12,6 +12,13 @@ import pytest
 SHARED_DATA = Path(os.environ.get("IIRP_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _cache_of_this_session(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Keep the tests' caches (exported demo, cubins, OpenVINO blobs) out of the user's ~/.cache/iirp."""
+    if "IIRP_CACHE_DIR" not in os.environ:
+        os.environ["IIRP_CACHE_DIR"] = str(tmp_path_factory.mktemp("iirp_cache"))
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The real data folder; tests that need it skip with a reason where it is absent."""

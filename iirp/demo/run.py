@@ -23,6 +23,7 @@ from typing import Any, Iterator
 import numpy as np
 import SimpleITK as sitk
 
+from iirp.cache import cache_dir
 from iirp.typing import PathLike
 
 __all__ = ["DEMO_SHAPE", "DEMO_SPACING", "DEMO_SEED", "DEMO_MAX_DISPLACEMENT", "TISSUES", "demo_file",
@@ -46,11 +47,6 @@ def demo_file(name: str) -> Iterator[Path]:
         yield Path(path)
 
 
-def _cache_root() -> Path:
-    env = os.environ.get("IIRP_CACHE_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "iirp"
-
-
 def demo_engines(progress: bool = True) -> Path:
     """The exported demo checkpoint: ``<cache>/demo/<sha256[:16]>/engines`` (exported on first use).
 
@@ -62,7 +58,7 @@ def demo_engines(progress: bool = True) -> Path:
 
     with demo_file(_CHECKPOINT) as checkpoint:
         digest = sha256_file(checkpoint)
-        folder = _cache_root() / "demo" / digest[:16] / "engines"
+        folder = cache_dir("demo", digest[:16], "engines")
         if (folder / MANIFEST_NAME).is_file():
             with contextlib.suppress(Exception):
                 if Manifest.load(folder).source_sha256 == digest:

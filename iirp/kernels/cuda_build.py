@@ -30,6 +30,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import io
+import json
 import logging
 import re
 import threading
@@ -63,7 +64,9 @@ __all__ = [
     "device_scratch",
     "buffer_pointer",
     "free_buffer",
+    "pinned_buffer",
     "copy_to_host",
+    "cubin_cache_path",
 ]
 
 _log = logging.getLogger(__name__)
@@ -259,10 +262,12 @@ def compile_cuda(text: str, *, name: str, arch: str, name_expressions: tuple[str
 
 
 def compile_source(name: str, arch: str) -> CompiledSource:
-    """Kernel source ``name`` compiled for ``arch`` with every name expression of :data:`KERNELS`; cached per process.
+    """Kernel source ``name`` compiled for ``arch`` with every name expression of :data:`KERNELS`; cached.
 
-    The cache key is (sha256 of the source and headers, arch, :data:`COMPILE_OPTIONS`).
-    Thread-safe; needs no GPU.
+    Cached per process, and on disk in ``<cache>/cubin`` (:func:`iirp.cache.cache_dir`) so a new
+    process loads the cubin instead of running NVRTC again. The key is (sha256 of the source and
+    headers, arch, :data:`COMPILE_OPTIONS`, NVRTC version); a cached file that is not a cubin with
+    every expected kernel is ignored and rebuilt. Thread-safe; needs no GPU.
 
     Args:
         name: a key of :data:`KERNELS`, e.g. ``"warp.cu"``.
@@ -280,10 +285,53 @@ def compile_source(name: str, arch: str) -> CompiledSource:
     with _LOCK:
         cached = _COMPILED.get(key)
         if cached is None:
+            cached = _load_cubin(name, arch, digest)
+        if cached is None:
             built = compile_cuda(source_text(name), name=name, arch=arch, name_expressions=KERNELS[name])
             cached = CompiledSource(name, arch, digest, built.log, built.symbols, built.cubin, built.object_code)
-            _COMPILED[key] = cached
+            _save_cubin(cached)
+        _COMPILED[key] = cached
     return cached
+
+
+def cubin_cache_path(name: str, arch: str, digest: str) -> Path:
+    """Where :func:`compile_source` keeps the cubin of ``name`` for ``arch`` (its kernel names beside it)."""
+    from iirp.cache import cache_dir
+
+    options = hashlib.sha256(repr(sorted(COMPILE_OPTIONS.items())).encode()).hexdigest()[:12]
+    major, minor = nvrtc_version()
+    return cache_dir("cubin") / f"{Path(name).stem}-{arch}-nvrtc{major}.{minor}-{digest[:16]}-{options}.cubin"
+
+
+def _load_cubin(name: str, arch: str, digest: str) -> CompiledSource | None:
+    """The cached compile of ``name`` from disk, or None (absent, unreadable or incomplete)."""
+    try:
+        path = cubin_cache_path(name, arch, digest)
+        cubin = path.read_bytes()
+        record = json.loads(path.with_suffix(".json").read_text())
+    except (OSError, ValueError, CudaUnavailableError):
+        return None
+    symbols = record.get("symbols") if isinstance(record, dict) else None
+    log = record.get("log") if isinstance(record, dict) else None
+    if not cubin.startswith(_ELF_MAGIC) or not isinstance(symbols, dict) or not isinstance(log, str) or any(
+            not isinstance(symbols.get(expr), str) for expr in KERNELS[name]):
+        return None
+    return CompiledSource(name, arch, digest, log, dict(symbols), cubin, _core().ObjectCode.from_cubin(cubin))
+
+
+def _save_cubin(compiled: CompiledSource) -> None:
+    """Keep a compile on disk for the next process; a cache that cannot be written is only logged."""
+    from iirp.atomic import write_bytes, write_text
+    from iirp.errors import OutputError
+
+    try:
+        path = cubin_cache_path(compiled.name, compiled.arch, compiled.digest)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        record = {"symbols": compiled.symbols, "log": compiled.log}
+        write_text(path.with_suffix(".json"), json.dumps(record))  # the names first, the cubin last
+        write_bytes(path, compiled.cubin)
+    except (OSError, OutputError, CudaUnavailableError) as err:
+        _log.info("cubin cache not written: %s", err)
 
 
 def _require_nvrtc() -> None:
@@ -429,25 +477,33 @@ def free_buffer(buffer: Any, stream: Any) -> None:
     buffer.close(stream)
 
 
-def copy_to_host(pointer: int, host: np.ndarray, stream: Any) -> None:
+def pinned_buffer(nbytes: int) -> Any:
+    """A page-locked host buffer of ``nbytes`` bytes (a cuda.core Buffer) for :func:`copy_to_host`; close it after."""
+    return _core().LegacyPinnedMemoryResource().allocate(int(nbytes))
+
+
+def copy_to_host(pointer: int, host: np.ndarray, stream: Any, pinned: Any = None) -> None:
     """Copy ``host.nbytes`` bytes from device address ``pointer`` into ``host`` after the work on ``stream``.
 
-    Goes through a pinned staging buffer and synchronizes ``stream`` (a documented
+    Goes through a pinned staging buffer (``pinned``, from :func:`pinned_buffer`, at least
+    ``host.nbytes``; a temporary one when None) and synchronizes ``stream`` (a documented
     synchronization point: the caller needs the values on the host).
 
     Args:
         pointer: device address.
         host: C-contiguous, writeable numpy array, overwritten.
         stream: a cuda.core Stream.
+        pinned: a reusable pinned staging buffer, or None.
     """
     assert host.flags.c_contiguous and host.flags.writeable
     core = _core()
     nbytes = int(host.nbytes)
-    pinned = core.LegacyPinnedMemoryResource().allocate(nbytes, stream=stream)
+    staging = pinned if pinned is not None else core.LegacyPinnedMemoryResource().allocate(nbytes, stream=stream)
     try:
-        core.Buffer.from_handle(int(pointer), nbytes).copy_to(pinned, stream=stream)
+        core.Buffer.from_handle(int(pointer), nbytes).copy_to(staging, stream=stream)
         stream.sync()
-        ctypes.memmove(host.ctypes.data, int(pinned.handle), nbytes)
+        ctypes.memmove(host.ctypes.data, int(staging.handle), nbytes)
     finally:
-        pinned.close()
+        if pinned is None:
+            staging.close()
 

@@ -31,8 +31,10 @@ its current stream; when launching on another stream, pass ``out`` (or
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
@@ -412,7 +414,8 @@ def fused_ncc_score(moving: Any, fixed: Any, flow: Any, factor: int, *, stream: 
     and the NCC is finished on the host exactly as
     :func:`iirp.kernels.score.fused_ncc_score` does. It agrees with the numba
     score to about 1e-12 (the float64 sums are added in another order).
-    Temporary device memory: 40 bytes per 256 voxels.
+    Device memory: 40 bytes per 256 voxels, allocated once per device (grown for a
+    larger grid) and reused, with a pinned 40-byte host buffer for the sums.
 
     Synchronizes ``stream`` (the score is returned to the host).
 
@@ -451,15 +454,46 @@ def fused_ncc_score(moving: Any, fixed: Any, flow: Any, factor: int, *, stream: 
     run = _stream(func, stream, m, device_id)
     kernels = cuda_build.get_kernels("score.cu", device_id)
     blocks = cuda_build.ceil_div(n, _SCORE_BLOCK)
-    scratch = cuda_build.device_scratch(8 * 5 * (blocks + 1), device_id, run)
-    try:
-        partials = cuda_build.buffer_pointer(scratch)
-        sums_ptr = partials + 8 * 5 * blocks
+    with _score_workspace(device_id, blocks, run) as (partials, sums_ptr, pinned):
         cuda_build.launch(kernels["iirp_score_partials"], blocks, _SCORE_BLOCK, run, m.ptr, fx.ptr, f.ptr, partials,
                           *(np.int32(e) for e in m.shape), np.int32(factor))
         cuda_build.launch(kernels["iirp_score_sum"], 1, _SCORE_BLOCK, run, partials, np.int32(blocks), sums_ptr)
         sums = np.empty(5, dtype=np.float64)
-        cuda_build.copy_to_host(sums_ptr, sums, run)  # synchronizes run
-    finally:
-        cuda_build.free_buffer(scratch, run)
+        cuda_build.copy_to_host(sums_ptr, sums, run, pinned)  # synchronizes run: the workspace is free again
     return _ncc_from_sums(n, *(float(v) for v in sums))
+
+
+@dataclass
+class _ScoreWorkspace:
+    """One device's score buffers, kept between calls: per-block partials + 5 sums on the device, 5 pinned doubles."""
+
+    lock: threading.Lock
+    scratch: Any = None
+    capacity_blocks: int = -1
+    pinned: Any = None
+
+
+_WORKSPACES: dict[int, _ScoreWorkspace] = {}
+_WORKSPACES_LOCK = threading.Lock()
+
+
+@contextmanager
+def _score_workspace(device_id: int, blocks: int, stream: Any) -> Iterator[tuple[int, int, Any]]:
+    """``(partials pointer, sums pointer, pinned staging)`` for a score of ``blocks`` blocks on ``device_id``.
+
+    The buffers are allocated on first use and grown when a larger grid needs it, never per call:
+    the score runs in IterStop's inner loop. Held under a per-device lock until the caller's copy to
+    the host has synchronized ``stream``, so two threads never share them mid-flight.
+    """
+    with _WORKSPACES_LOCK:
+        space = _WORKSPACES.setdefault(device_id, _ScoreWorkspace(threading.Lock()))
+    with space.lock:
+        if space.capacity_blocks < blocks:
+            if space.scratch is not None:
+                cuda_build.free_buffer(space.scratch, stream)
+            space.scratch = cuda_build.device_scratch(8 * 5 * (blocks + 1), device_id, stream)
+            space.capacity_blocks = blocks
+        if space.pinned is None:
+            space.pinned = cuda_build.pinned_buffer(8 * 5)
+        partials = cuda_build.buffer_pointer(space.scratch)
+        yield partials, partials + 8 * 5 * space.capacity_blocks, space.pinned

@@ -3,7 +3,7 @@
 cuda_ops validates its arrays through ``__cuda_array_interface__``, computes
 the grid with ``cuda_build.ceil_div`` and launches through ``cuda_build``
 (``get_kernels``, ``launch``, ``as_stream``, ``device_scratch``,
-``buffer_pointer``, ``free_buffer``, ``copy_to_host``). :class:`HostDevice`
+``buffer_pointer``, ``free_buffer``, ``pinned_buffer``, ``copy_to_host``). :class:`HostDevice`
 replaces exactly those ``cuda_build`` functions (with pytest's monkeypatch) by
 host equivalents, so every public cuda_ops function runs its own checks,
 launch configuration and argument list against the kernels of
@@ -133,8 +133,9 @@ class HostDevice:
             self.scratch.append(buffer)
             return buffer
 
-        def copy_to_host(pointer: int, host: np.ndarray, run: Any) -> None:
+        def copy_to_host(pointer: int, host: np.ndarray, run: Any, pinned: Any = None) -> None:
             assert host.flags.c_contiguous and host.flags.writeable
+            assert pinned is None or pinned.nbytes >= host.nbytes
             ctypes.memmove(host.ctypes.data, int(pointer), host.nbytes)
 
         monkeypatch.setattr(cuda_build, "get_kernels", get_kernels)
@@ -144,3 +145,7 @@ class HostDevice:
         monkeypatch.setattr(cuda_build, "buffer_pointer", lambda buffer: int(buffer.ctypes.data))
         monkeypatch.setattr(cuda_build, "free_buffer", lambda buffer, run: None)
         monkeypatch.setattr(cuda_build, "copy_to_host", copy_to_host)
+        monkeypatch.setattr(cuda_build, "pinned_buffer", lambda nbytes: np.zeros(int(nbytes), np.uint8))
+        from iirp.kernels import cuda_ops
+
+        monkeypatch.setattr(cuda_ops, "_WORKSPACES", {})  # host buffers for this test only

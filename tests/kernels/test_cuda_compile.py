@@ -116,3 +116,26 @@ def test_ceil_div() -> None:
 def test_nvrtc_version() -> None:
     major, minor = cuda_build.nvrtc_version()
     assert major >= 12 and minor >= 0
+
+
+def test_compiled_kernels_are_cached_on_disk(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new process (an empty in-process cache) loads the cubin from the cache folder instead of running NVRTC."""
+    monkeypatch.setenv("IIRP_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cuda_build, "_COMPILED", {})
+    first = cuda_build.compile_source("upsample.cu", "sm_80")
+    path = cuda_build.cubin_cache_path("upsample.cu", "sm_80", first.digest)
+    assert path.is_file() and path.read_bytes() == first.cubin and path.parent == tmp_path / "cubin"
+
+    monkeypatch.setattr(cuda_build, "_COMPILED", {})
+
+    def _no_nvrtc(*args: object, **kwargs: object) -> None:
+        raise AssertionError("NVRTC ran although the cubin was cached")
+
+    monkeypatch.setattr(cuda_build, "compile_cuda", _no_nvrtc)
+    again = cuda_build.compile_source("upsample.cu", "sm_80")
+    assert again.cubin == first.cubin and again.symbols == first.symbols and again.log == first.log
+
+    path.write_bytes(b"not a cubin")  # a damaged cache entry is rebuilt, not used
+    monkeypatch.setattr(cuda_build, "_COMPILED", {})
+    with pytest.raises(AssertionError, match="NVRTC ran"):
+        cuda_build.compile_source("upsample.cu", "sm_80")

@@ -575,9 +575,12 @@ def _host_score(host: HostDevice, moving: np.ndarray, fixed: np.ndarray, flow: n
     assert (partials.expression, partials.grid, partials.block) == ("iirp_score_partials", blocks, 256)
     assert (total.expression, total.grid, total.block) == ("iirp_score_sum", 1, 256)
     assert total.args[1] == np.int32(blocks) and n == int(np.prod(moving.shape))
-    scratch = host.scratch[-1].view(np.float64)
-    assert scratch.size == 5 * (blocks + 1)
-    return score, scratch[: 5 * blocks].reshape(blocks, 5).copy(), scratch[5 * blocks:].copy()
+    scratch = host.scratch[-1].view(np.float64)  # the workspace is reused and only grows: find the rows in it
+    base = scratch.ctypes.data
+    rows_at, sums_at = (int(partials.args[3]) - base) // 8, (int(total.args[2]) - base) // 8
+    assert rows_at == 0 and int(total.args[0]) == int(partials.args[3]) and sums_at >= 5 * blocks
+    assert sums_at + 5 <= scratch.size
+    return score, scratch[: 5 * blocks].reshape(blocks, 5).copy(), scratch[sums_at: sums_at + 5].copy()
 
 
 def _check_score(host: HostDevice, moving: np.ndarray, fixed: np.ndarray, flow: np.ndarray, factor: int) -> None:
@@ -649,3 +652,15 @@ def test_score_sum_adds_rows_in_its_fixed_order(libraries: dict[str, HostLibrary
             serial[:, r % 256] = serial[:, r % 256] + rows[r]
         assert_bits_equal(sums, _tree(serial[:, None, :])[:, 0])
 
+
+
+def test_score_buffers_are_allocated_once(host: HostDevice, rng: np.random.Generator) -> None:
+    """IterStop scores in a loop: the device scratch is allocated on the first call and reused (grown only)."""
+    small = _score_inputs(rng, (16, 16, 8), 2, special=False)
+    large = _score_inputs(rng, (32, 16, 16), 2, special=False)
+    for _ in range(3):
+        cuda_ops.fused_ncc_score(*(_in(a) for a in small), 2)
+    assert len(host.scratch) == 1
+    cuda_ops.fused_ncc_score(*(_in(a) for a in large), 2)
+    cuda_ops.fused_ncc_score(*(_in(a) for a in small), 2)
+    assert len(host.scratch) == 2  # grown once for the larger grid, then reused for the small one
