@@ -84,6 +84,11 @@ def warn(prog: str, text: str) -> None:
 def _unexpected(err: BaseException) -> str:
     if isinstance(err, MemoryError):
         return "out of memory (the job does not fit in this machine's memory)"
+    if isinstance(err, OSError) and err.errno is not None:
+        from iirp.atomic import os_error_text
+
+        where = f"{err.filename}: " if err.filename else ""
+        return f"{where}{os_error_text(err)}"
     text = one_line(str(err), 600) or "(no message)"
     where = ""
     frames = traceback.extract_tb(err.__traceback__)

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 __all__ = [
     "PairMetrics",
     "shared_labels",
+    "dice_arrays",
     "mean_dice_arrays",
     "label_dice",
     "hd95",
@@ -82,23 +83,45 @@ def shared_labels(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return both[both != 0].astype(np.int64)
 
 
-def mean_dice_arrays(reference: np.ndarray, candidate: np.ndarray, labels: Iterable[int]) -> float:
-    """Mean Dice over ``labels`` of two integer label arrays of one shape (numpy only).
+def dice_arrays(
+    reference: np.ndarray, candidate: np.ndarray, labels: Optional[Iterable[int]] = None
+) -> dict[int, float]:
+    """Dice per label, ``2|A & B| / (|A| + |B|)``, of two integer label arrays of one shape (numpy only).
+
+    The numpy twin of :func:`label_dice` (for machines without SimpleITK), tested against it.
+
+    Args:
+        reference, candidate: label arrays of one shape, any integer or float dtype (compared by value).
+        labels: the labels to score; default the non-zero labels of ``reference``. A label absent from
+            both arrays is left out.
 
     Raises:
-        ValueError: the shapes differ or ``labels`` is empty.
+        ValueError: the shapes differ.
     """
     if reference.shape != candidate.shape:
-        raise ValueError(f"mean_dice_arrays(): shapes differ, {reference.shape} and {candidate.shape}")
-    scores = []
-    for label in labels:
+        raise ValueError(f"dice_arrays(): shapes differ, {reference.shape} and {candidate.shape}")
+    chosen = [int(v) for v in np.unique(reference) if v != 0] if labels is None else [int(v) for v in labels]
+    scores = {}
+    for label in chosen:
         a, b = reference == label, candidate == label
         total = int(a.sum()) + int(b.sum())
         if total:
-            scores.append(2.0 * int(np.logical_and(a, b).sum()) / total)
+            scores[label] = 2.0 * int(np.logical_and(a, b).sum()) / total
+    return scores
+
+
+def mean_dice_arrays(reference: np.ndarray, candidate: np.ndarray, labels: Iterable[int]) -> float:
+    """Mean of :func:`dice_arrays` over ``labels``.
+
+    Raises:
+        ValueError: the shapes differ or no label of ``labels`` is present in either map.
+    """
+    if reference.shape != candidate.shape:
+        raise ValueError(f"mean_dice_arrays(): shapes differ, {reference.shape} and {candidate.shape}")
+    scores = dice_arrays(reference, candidate, labels)
     if not scores:
         raise ValueError("mean_dice_arrays(): no label of 'labels' is present in either map")
-    return float(np.mean(scores))
+    return float(np.mean(list(scores.values())))
 
 
 def _int_labels(image: "sitk.Image", reference: Optional["sitk.Image"] = None) -> "sitk.Image":

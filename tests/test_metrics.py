@@ -10,6 +10,7 @@ from iirp.metrics import (
     hd95,
     image_similarity,
     jacobian_stats,
+    dice_arrays,
     label_dice,
     mean_dice_arrays,
     pair_metrics,
@@ -120,3 +121,12 @@ def test_pair_metrics_of_an_identity_result(two_maps) -> None:
     assert set(metrics.dice_per_label) == {1, 2, 5}
     with pytest.raises(ValueError, match="no label to score"):
         pair_metrics(_image(a), _image(a), _field(np.zeros((*a.shape, 3))), image, image, labels=[])
+
+
+def test_dice_arrays_defaults_to_the_reference_labels() -> None:
+    reference = np.array([[0, 1, 1, 2]])
+    candidate = np.array([[1, 1, 0, 2]])
+    assert dice_arrays(reference, candidate) == {1: 0.5, 2: 1.0}
+    assert dice_arrays(reference, candidate, [3]) == {}  # absent from both: not scored
+    with pytest.raises(ValueError, match=r"dice_arrays\(\): shapes differ"):
+        dice_arrays(reference, candidate[:, :3])

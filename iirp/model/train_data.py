@@ -42,7 +42,6 @@ __all__ = [
 #: File names ``iirp-train`` picks up from a DATA folder.
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr")
 _CSV_COLUMNS = ("path", "image", "volume", "file")
-_VAL_COLUMNS = ("fixed", "moving", "fixed_seg", "moving_seg")
 
 
 def _is_image(path: Path) -> bool:
@@ -166,35 +165,27 @@ class ValPair:
 def load_val_pairs(
     csv_path: PathLike, shape: Sequence[int], spacing: float = 1.0, intensity: str = "minmax"
 ) -> list[ValPair]:
-    """Read a validation CSV (columns ``fixed, moving, fixed_seg, moving_seg``) onto the model grid.
+    """Read a validation CSV (:func:`iirp.runtime.pairs.read_pairs`, columns ``fixed, moving, fixed_seg,
+    moving_seg``) onto the model grid.
 
     Each pair is prepared as ``iirp-run`` prepares it (no pre-alignment); the label maps are
     resampled onto the fixed image's model grid by nearest neighbour.
 
     Raises:
-        TrainingDataError: CSV missing, empty or without those columns.
+        PairsFileError: CSV missing, empty or without those columns.
         ImageError: an image or label map is unreadable.
     """
     import SimpleITK as sitk
 
     from iirp.runtime.geometry import array_from_image
     from iirp.runtime.imageio import read_image, read_labels
+    from iirp.runtime.pairs import read_pairs
     from iirp.runtime.register import prepare_pair
 
-    p = Path(os.fspath(csv_path))
-    if not p.is_file():
-        raise TrainingDataError(f"validation CSV not found: {p}")
-    rows = _read_csv(p)
-    missing = [c for c in _VAL_COLUMNS if not rows or c not in rows[0]]
-    if missing:
-        raise TrainingDataError(
-            f"validation CSV {p} needs the columns {', '.join(_VAL_COLUMNS)} and at least one row; missing: "
-            f"{', '.join(missing)}"
-        )
     options = _options(shape, spacing, intensity)
     pairs = []
-    for row in rows:
-        paths = {c: _resolve(row[c], p.parent) for c in _VAL_COLUMNS}
+    for row in read_pairs(csv_path, need_segs=True):
+        paths = {"fixed": row.fixed, "moving": row.moving, "fixed_seg": row.fixed_seg, "moving_seg": row.moving_seg}
         fixed = read_image(paths["fixed"], "validation fixed")
         moving = read_image(paths["moving"], "validation moving")
         prepared = prepare_pair(fixed, moving, tuple(int(s) for s in shape), options,  # type: ignore[arg-type]

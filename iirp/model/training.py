@@ -42,6 +42,7 @@ import torch
 
 from iirp.atomic import write_file, write_text
 from iirp.errors import OutputError, one_line
+from iirp.metrics import dice_arrays
 from iirp.model.errors import ResumeError, TrainingError
 from iirp.model.losses import DEFAULT_WINDOW, diffusion, local_ncc
 from iirp.model.rpnet import RPNet
@@ -61,7 +62,6 @@ __all__ = [
     "train",
     "save_released",
     "released_payload",
-    "dice_scores",
 ]
 
 LOG_COLUMNS = ("step", "loss", "ncc", "diffusion", "epe", "lr", "seconds", "val_dice")
@@ -197,6 +197,21 @@ def _check_options(cfg: TrainConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise TrainingError(message)
+    _check_device(cfg.device)
+
+
+def _check_device(device: str) -> None:
+    """``cpu`` or ``cuda[:N]`` that exists, before any data is read.
+
+    Raises:
+        TrainingError: a malformed device, or a CUDA device torch does not see.
+    """
+    if not (device == "cpu" or device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise TrainingError(f"--device must be 'cpu' or 'cuda[:N]', got {device!r}")
+    if device != "cpu":
+        index = int(device[5:] or 0) if device.startswith("cuda:") else 0
+        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+            raise TrainingError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA device(s)")
 
 
 def _build_net(cfg: TrainConfig) -> tuple[RPNet, tuple[int, int, int], Optional[list[str]]]:
@@ -244,17 +259,6 @@ def _signature(cfg: TrainConfig, shape: tuple[int, int, int]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- validation
 
 
-def dice_scores(fixed_seg: np.ndarray, warped_seg: np.ndarray) -> dict[int, float]:
-    """Dice per label present in ``fixed_seg`` (label 0 excluded): ``2|A & B| / (|A| + |B|)``."""
-    scores = {}
-    for label in np.unique(fixed_seg):
-        if label == 0:
-            continue
-        a, b = fixed_seg == label, warped_seg == label
-        scores[int(label)] = float(2.0 * np.logical_and(a, b).sum() / (a.sum() + b.sum()))
-    return scores
-
-
 def _validate(net: RPNet, pairs: list[ValPair], device: torch.device) -> float:
     """Mean over pairs of the mean Dice over labels, RP-Net single pass, nearest label warp."""
     net.eval()
@@ -266,7 +270,7 @@ def _validate(net: RPNet, pairs: list[ValPair], device: torch.device) -> float:
             flow = net(moving, fixed)
             seg = torch.from_numpy(pair.moving_seg.astype(np.float32))[None, None].to(device)
             warped = warp(seg, flow, mode="nearest")[0, 0].round().to("cpu").numpy().astype(np.int64)
-            scores = dice_scores(pair.fixed_seg, warped)
+            scores = dice_arrays(pair.fixed_seg, warped)
             means.append(float(np.mean(list(scores.values()))) if scores else 0.0)
     net.train()
     return float(np.mean(means))
@@ -401,14 +405,26 @@ class _Progress:
 
 
 class _Deterministic:
-    """Switch on ``torch.use_deterministic_algorithms`` for the block, restoring the previous setting."""
+    """Switch on ``torch.use_deterministic_algorithms`` for the block, restoring the previous setting.
+
+    On the CPU every op RP-Net training uses has a deterministic kernel, so a run (and ``--resume``)
+    is exact. On CUDA the backward of ``grid_sample`` has none: deterministic algorithms are used
+    where PyTorch has them (``warn_only``, a warning in the log instead of an error), so a CUDA run
+    is not bit-reproducible.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.warn_only = device.type == "cuda"
 
     def __enter__(self) -> None:
-        self._previous = torch.are_deterministic_algorithms_enabled()
-        torch.use_deterministic_algorithms(True)
+        self._previous = (torch.are_deterministic_algorithms_enabled(),
+                          torch.is_deterministic_algorithms_warn_only_enabled())
+        if self.warn_only:  # cuBLAS needs a fixed workspace to be deterministic (CUDA >= 10.2)
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=self.warn_only)
 
     def __exit__(self, *exc: object) -> None:
-        torch.use_deterministic_algorithms(self._previous)
+        torch.use_deterministic_algorithms(self._previous[0], warn_only=self._previous[1])
 
 
 def _steps(sampler: PairSampler, device: torch.device
@@ -464,7 +480,7 @@ def train(config: TrainConfig, on_step: Optional[Callable[[dict[str, Any]], None
     t_start = time.perf_counter()
     last: dict[str, Any] = {}
     try:
-        with _Deterministic(), open(log_path, "a", newline="") as log_fh:
+        with _Deterministic(device), open(log_path, "a", newline="") as log_fh:
             writer = csv.writer(log_fh, lineterminator="\n")
             batches = _steps(sampler, device)
             while state.step < cfg.steps:

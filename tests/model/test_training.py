@@ -247,3 +247,31 @@ def test_finetune_released_checkpoint_on_lpba40(shared_data: Path, tmp_path: Pat
     assert saved["config"]["size"] == (160, 192, 160)
     assert any(not torch.equal(saved["model_state"][k], released["model_state"][k]) for k in saved["model_state"])
     print(f"fine-tuning 2 steps (32^3 windows of 160x192x160) took {seconds:.1f} s")  # reported, not asserted
+
+
+def test_deterministic_algorithms_warn_only_on_cuda() -> None:
+    """CUDA's grid_sample backward has no deterministic kernel: on CUDA the switch warns instead of raising."""
+    from iirp.model.training import _Deterministic
+
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    with _Deterministic(torch.device("cpu")):
+        assert torch.are_deterministic_algorithms_enabled()
+        assert not torch.is_deterministic_algorithms_warn_only_enabled()
+    with _Deterministic(torch.device("cuda")):
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+    assert (torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled()) == before
+
+
+def test_missing_cuda_device_is_refused_before_reading_data(tmp_path: Path) -> None:
+    from iirp.model.errors import TrainingError
+    from iirp.model.training import TrainConfig, train
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the no-GPU error")
+    with pytest.raises(TrainingError, match=r"--device cuda: torch sees 0 CUDA device\(s\)"):
+        train(TrainConfig(tmp_path / "no_data_read", tmp_path / "out", device="cuda"))
+    with pytest.raises(TrainingError, match=r"--device must be 'cpu' or 'cuda\[:N\]', got 'gpu'"):
+        train(TrainConfig(tmp_path / "no_data_read", tmp_path / "out", device="gpu"))
+    assert not (tmp_path / "out").exists()
