@@ -7,10 +7,10 @@ import pytest
 import SimpleITK as sitk
 
 from iirp.metrics import (
+    dice_arrays,
     hd95,
     image_similarity,
     jacobian_stats,
-    dice_arrays,
     label_dice,
     mean_dice_arrays,
     pair_metrics,
