@@ -4,6 +4,12 @@ Accepted: the released format ``{"config": {...}, "model_state": state_dict}``
 and a bare state dict (``*.grid`` buffers ignored, a DataParallel ``module.``
 prefix removed). Always ``torch.load(weights_only=True)``: a checkpoint is
 untrusted input.
+
+Checkpoints written by ``iirp-train`` also carry the model grid they were trained
+on under a top-level key ``"iirp"`` (``{"spacing": [sx, sy, sz], "orientation":
+"RAS", "intensity": "minmax"}``): outside ``"config"``, because the authors'
+loader passes ``config`` to the model's constructor as keyword arguments. The
+released checkpoint records nothing: its grid is 1 mm, RAS, minmax.
 """
 
 from __future__ import annotations
@@ -12,17 +18,17 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
-from iirp.errors import CheckpointError
+from iirp.errors import CheckpointError, IirpError
 from iirp.manifest import sha256_file
 from iirp.model.rpnet import RPNet
 from iirp.shapes import check_fits_in_memory, check_model_shape
 from iirp.typing import PathLike
 
-__all__ = ["CheckpointInfo", "load_checkpoint", "load_state_dict", "sha256_file", "DEFAULT_MODEL_SIZE"]
+__all__ = ["CheckpointInfo", "RECORD_KEY", "load_checkpoint", "load_state_dict", "sha256_file", "DEFAULT_MODEL_SIZE"]
 
 #: Model grid of the released Mindboggle checkpoint, used when a bare state dict has no config.
 DEFAULT_MODEL_SIZE = (160, 192, 160)
@@ -42,6 +48,9 @@ class CheckpointInfo:
         first_channel: channels of the first encoder block.
         n_parameters: number of weights.
         keys: the parameter names in the file's order (``module.`` stripped, ``*.grid`` dropped).
+        spacing: model grid spacing (mm, x y z) the checkpoint records, or None.
+        orientation: model grid orientation (a ``DICOMOrient`` code) it records, or None.
+        intensity: the intensity rule it was trained with, or None.
     """
 
     path: str
@@ -52,6 +61,9 @@ class CheckpointInfo:
     first_channel: int
     n_parameters: int
     keys: tuple[str, ...] = ()
+    spacing: Optional[tuple[float, float, float]] = None
+    orientation: Optional[str] = None
+    intensity: Optional[str] = None
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -87,6 +99,46 @@ def _read(path: Path) -> object:
         raise CheckpointError(
             f"checkpoint {path} cannot be read as a weights-only torch file: {_load_reason(err)}"
         ) from err
+
+
+#: The model-grid record a checkpoint may carry (see the module docstring).
+RECORD_KEY = "iirp"
+_ORIENTATION = re.compile(r"^[RL][AP][SI]$|^[RL][SI][AP]$|^[AP][RL][SI]$|^[AP][SI][RL]$|^[SI][RL][AP]$|^[SI][AP][RL]$")
+
+
+def _record(raw: object, path: Path) -> dict[str, Any]:
+    """The checkpoint's model-grid record, checked; empty when there is none.
+
+    Raises:
+        CheckpointError: a record with a malformed spacing, orientation or intensity rule.
+    """
+    record = raw.get(RECORD_KEY) if isinstance(raw, dict) and "model_state" in raw else None
+    if record is None:
+        return {}
+    if not isinstance(record, dict):
+        raise CheckpointError(f"checkpoint {path}: {RECORD_KEY!r} is not a dict")
+    out: dict[str, Any] = {}
+    spacing = record.get("spacing")
+    if spacing is not None:
+        if not (isinstance(spacing, (list, tuple)) and len(spacing) == 3 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < float(v) < float("inf")
+                for v in spacing)):
+            raise CheckpointError(f"checkpoint {path}: model grid spacing must be 3 positive numbers, got {spacing!r}")
+        out["spacing"] = tuple(float(v) for v in spacing)
+    orientation = record.get("orientation")
+    if orientation is not None:
+        if not (isinstance(orientation, str) and _ORIENTATION.match(orientation)):
+            raise CheckpointError(f"checkpoint {path}: orientation must be a code like 'RAS', got {orientation!r}")
+        out["orientation"] = orientation
+    intensity = record.get("intensity")
+    if intensity is not None:
+        from iirp.runtime.intensity import parse_intensity
+
+        try:
+            out["intensity"] = parse_intensity(str(intensity)).spec
+        except IirpError as err:
+            raise CheckpointError(f"checkpoint {path}: recorded intensity rule: {err}") from err
+    return out
 
 
 def _split(raw: object, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
@@ -181,7 +233,9 @@ def load_checkpoint(path: PathLike, size: tuple[int, int, int] | None = None) ->
         CheckpointError: not found, unreadable, not weights-only, or not RP-Net.
     """
     path = Path(os.fspath(path))
-    state, config, fmt = _split(_read(path), path)
+    raw = _read(path)
+    state, config, fmt = _split(raw, path)
+    record = _record(raw, path)
     try:
         grid = tuple(int(s) for s in (size or config.get("size") or DEFAULT_MODEL_SIZE))
         first_channel = int(config.get("first_channel", 8))
@@ -205,5 +259,8 @@ def load_checkpoint(path: PathLike, size: tuple[int, int, int] | None = None) ->
         first_channel=first_channel,
         n_parameters=sum(p.numel() for p in net.parameters()),
         keys=tuple(state),
+        spacing=record.get("spacing"),
+        orientation=record.get("orientation"),
+        intensity=record.get("intensity"),
     )
     return net, info

@@ -43,6 +43,7 @@ import torch
 from iirp.atomic import write_file, write_text
 from iirp.errors import OutputError, one_line
 from iirp.metrics import dice_arrays
+from iirp.model.checkpoint import RECORD_KEY
 from iirp.model.errors import ResumeError, TrainingError
 from iirp.model.losses import DEFAULT_WINDOW, diffusion, local_ncc
 from iirp.model.rpnet import RPNet
@@ -146,12 +147,15 @@ def _atomic_save(obj: Any, path: Path) -> None:
     write_file(path, _save)
 
 
-def released_payload(net: RPNet, size: tuple[int, int, int],
-                     key_order: Optional[list[str]] = None) -> dict[str, Any]:
+def released_payload(net: RPNet, size: tuple[int, int, int], key_order: Optional[list[str]] = None,
+                     record: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """The released checkpoint dict of ``net`` (CPU tensors).
 
     Keys are :meth:`RPNet.state_dict`'s, in ``key_order`` first where given (the ``--init``
     checkpoint's order, so a fine-tuned file lists its keys exactly as the released one).
+    ``record`` (spacing, orientation, intensity of the model grid) goes under the top-level key
+    :data:`iirp.model.checkpoint.RECORD_KEY`, outside ``config`` (the authors' loader passes
+    ``config`` to the model's constructor).
     """
     current = net.state_dict()
     names = [k for k in (key_order or []) if k in current]
@@ -159,15 +163,25 @@ def released_payload(net: RPNet, size: tuple[int, int, int],
     names += [k for k in current if k not in first]
     state = {k: current[k].detach().to("cpu").clone() for k in names}
     config = {"size": tuple(int(s) for s in size), "in_channel": 1, "first_channel": int(net.first_channel)}
-    return {"config": config, "model_state": state}
+    payload: dict[str, Any] = {"config": config, "model_state": state}
+    if record is not None:
+        payload[RECORD_KEY] = dict(record)
+    return payload
 
 
 def save_released(net: RPNet, size: tuple[int, int, int], path: PathLike,
-                  key_order: Optional[list[str]] = None) -> Path:
-    """Write ``net`` as a released-format checkpoint (atomically); returns the path."""
+                  key_order: Optional[list[str]] = None, record: Optional[dict[str, Any]] = None) -> Path:
+    """Write ``net`` as a released-format checkpoint with its model-grid ``record`` (atomically); returns the path."""
     p = Path(os.fspath(path))
-    _atomic_save(released_payload(net, size, key_order), p)
+    _atomic_save(released_payload(net, size, key_order, record), p)
     return p
+
+
+def grid_record(cfg: "TrainConfig") -> dict[str, Any]:
+    """The model grid a run trains on, as a checkpoint records it: spacing (mm), orientation, intensity rule."""
+    from iirp.runtime.intensity import parse_intensity
+
+    return {"spacing": [float(cfg.spacing)] * 3, "orientation": "RAS", "intensity": parse_intensity(cfg.intensity).spec}
 
 
 # --------------------------------------------------------------------------- setup
@@ -476,6 +490,7 @@ def train(config: TrainConfig, on_step: Optional[Callable[[dict[str, Any]], None
     outputs = {"latest": str(out / "latest.pt"), "best": str(out / "best.pt"), "resume": str(out / RESUME_NAME),
                "log": str(log_path)}
 
+    record = grid_record(cfg)
     progress = _Progress(cfg.progress, cfg.steps, state.step)
     t_start = time.perf_counter()
     last: dict[str, Any] = {}
@@ -523,8 +538,8 @@ def train(config: TrainConfig, on_step: Optional[Callable[[dict[str, Any]], None
                     score = row["val_dice"] if val_pairs is not None else -float(state.smoothed)
                     if state.best is None or score > state.best:
                         state.best = score
-                        save_released(net, shape, outputs["best"], key_order)
-                    save_released(net, shape, outputs["latest"], key_order)
+                        save_released(net, shape, outputs["best"], key_order, record)
+                    save_released(net, shape, outputs["latest"], key_order, record)
                     _save_resume(out / RESUME_NAME, net, opt, state, sampler, signature)
                     extra = f" val dice {row['val_dice']:.4f}" if val_pairs is not None else ""
                     if progress._bar is None:

@@ -11,11 +11,14 @@ Rules (the ``--intensity`` option):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import SimpleITK as sitk
 
 from iirp.errors import ImageError, IntensitySpecError
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
 
 __all__ = ["IntensityRule", "parse_intensity", "normalize"]
 
@@ -59,7 +62,7 @@ def parse_intensity(spec: str) -> IntensityRule:
     )
 
 
-def normalize(image: sitk.Image, rule: IntensityRule, role: str = "input image") -> sitk.Image:
+def normalize(image: "sitk.Image", rule: IntensityRule, role: str = "input image") -> "sitk.Image":
     """Map intensities to [0, 1] by ``rule``; returns a float32 image on the same grid.
 
     Args:
@@ -68,6 +71,8 @@ def normalize(image: sitk.Image, rule: IntensityRule, role: str = "input image")
     Raises:
         ImageError: the rule leaves the image constant (e.g. a window outside its range).
     """
+    import SimpleITK as sitk
+
     values = sitk.GetArrayViewFromImage(image).astype(np.float64)
     if rule.kind == "minmax":
         low, high = float(values.min()), float(values.max())

@@ -307,3 +307,31 @@ def test_load_state_dict_names_source() -> None:
     del state["encoder.block4.main.weight"]
     with pytest.raises(CheckpointError, match=r"^my weights does not match RP-Net.*encoder\.block4\.main\.weight"):
         load_state_dict(state, size=TINY_SIZE, source="my weights")
+
+
+def test_model_grid_record_is_read_and_checked(tiny_net: RPNet, tmp_path: Path) -> None:
+    """iirp-train's checkpoints record their grid under "iirp", outside the authors' "config"."""
+    payload = _released_payload(tiny_net)
+    payload["iirp"] = {"spacing": [2.5, 2.5, 2.5], "orientation": "RAS", "intensity": "percentile:0.5,99.5"}
+    path = tmp_path / "recorded.pt"
+    torch.save(payload, path)
+    _, info = load_checkpoint(path)
+    assert (info.spacing, info.orientation, info.intensity) == ((2.5, 2.5, 2.5), "RAS", "percentile:0.5,99.5")
+    assert set(payload["config"]) == {"size", "in_channel", "first_channel"}  # RPNet(**config) still works
+
+    _, plain = load_checkpoint(_write(tmp_path / "plain.pt", _released_payload(tiny_net)))
+    assert (plain.spacing, plain.orientation, plain.intensity) == (None, None, None)
+
+    for bad, match in [({"spacing": [0, 1, 1]}, "spacing must be 3 positive numbers"),
+                       ({"spacing": "2.5"}, "spacing must be 3 positive numbers"),
+                       ({"orientation": "XYZ"}, "orientation must be a code like 'RAS'"),
+                       ({"intensity": "bogus"}, "recorded intensity rule"),
+                       ("not a dict", "'iirp' is not a dict")]:
+        payload["iirp"] = bad
+        with pytest.raises(CheckpointError, match=match):
+            load_checkpoint(_write(tmp_path / "bad.pt", payload))
+
+
+def _write(path: Path, payload: dict) -> Path:
+    torch.save(payload, path)
+    return path

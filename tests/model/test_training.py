@@ -116,6 +116,7 @@ def test_checkpoint_loads_and_exports(data: Path, tmp_path: Path) -> None:
     assert saved["config"] == {"size": SHAPE, "in_channel": 1, "first_channel": 8}
     net, info = load_checkpoint(out / "latest.pt")
     assert (info.format, info.size, info.n_resblocks) == ("released", SHAPE, 2)
+    assert (info.spacing, info.orientation, info.intensity) == ((1.0, 1.0, 1.0), "RAS", "minmax")  # the grid record
     assert set(saved["model_state"]) == set(RPNet().state_dict())
     manifest = export_checkpoint(out / "latest.pt", tmp_path / "engines", exporter="torchscript", verify=False,
                                  progress=False)
