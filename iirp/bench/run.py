@@ -102,6 +102,7 @@ def _engine_rows(names: Sequence[str]) -> list[tuple[str, Optional[str]]]:
 
     Raises:
         BenchOptionError: an unknown engine or precision suffix.
+        OpenVinoPrecisionError: ``openvino-bf16`` on a CPU without native bf16.
     """
     from iirp.runtime.engines import BACKENDS
 
@@ -113,12 +114,13 @@ def _engine_rows(names: Sequence[str]) -> list[tuple[str, Optional[str]]]:
                 f"latency_benchmark() 'engines' (--engine) must be one of {', '.join(sorted(BACKENDS))}, "
                 f"openvino-fp32 or openvino-bf16, got {name!r}"
             )
-        if engine == "openvino" and not precision:
-            from iirp.runtime.engines.openvino import cpu_has_native_bf16
+        if engine == "openvino" and precision != "fp32":
+            from iirp.runtime.engines.openvino import cpu_has_native_bf16, select_precision
 
-            rows.append(("openvino", "fp32"))
-            if cpu_has_native_bf16():
-                rows.append(("openvino", "bf16"))
+            native = cpu_has_native_bf16()
+            if precision == "bf16" and not native:
+                select_precision("bf16", bf16_native=False, gate=None)  # raises the one-line error
+            rows += [("openvino", "fp32")] * (not precision) + [("openvino", "bf16")] * native
         else:
             rows.append((engine, precision or None))
     return list(dict.fromkeys(rows))
