@@ -126,12 +126,17 @@ def _engine_rows(names: Sequence[str]) -> list[tuple[str, Optional[str]]]:
     return list(dict.fromkeys(rows))
 
 
-def _loaded(solver: Any) -> Any:
-    """Build the solver's stages now, so that the load time is timed as such (not in the first run)."""
-    load = getattr(solver, "load", None)
-    if load is not None:
-        load()
-    return solver
+def _maker(make_solver: Callable[..., Any], engine: str, folder: Path, device: str, options: Any) -> Callable[[], Any]:
+    """A solver factory that also builds the stages, so that their load is timed as such (not in the first run)."""
+
+    def make() -> Any:
+        solver = make_solver(engine, engines=folder, device=device, options=options)
+        load = getattr(solver, "load", None)
+        if load is not None:
+            load()
+        return solver
+
+    return make
 
 
 def latency_benchmark(
@@ -200,12 +205,8 @@ def latency_benchmark(
                         cuda=device.startswith("cuda"))]
     for name, precision in rows:
         options = BackendOptions(precision=precision or "auto", threads=threads)
-        specs.append(EngineSpec(
-            f"{name}-{precision or manifest.precision}",
-            lambda name=name, options=options: _loaded(make_solver(name, engines=folder, device=device,
-                                                                   options=options)),
-            cuda=device.startswith("cuda"),
-        ))
+        specs.append(EngineSpec(f"{name}-{precision or manifest.precision}",
+                                _maker(make_solver, name, folder, device, options), cuda=device.startswith("cuda")))
     results = measure_latency(specs, moving, fixed, rule, repeats=repeats, warmup=warmup, on_step=on_step)
     reference = next(r for r in results if r.baseline)
     payload = {

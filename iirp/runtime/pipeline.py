@@ -224,5 +224,5 @@ def set_kernel_threads(threads: Optional[int]) -> None:
     """Threads of the numba kernels for the calling thread (None: numba's default, every core), capped at its pool."""
     import numba
 
-    pool = numba.config.NUMBA_NUM_THREADS
+    pool = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]
     numba.set_num_threads(pool if threads is None else min(threads, pool))

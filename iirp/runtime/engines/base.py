@@ -39,7 +39,7 @@ class Backend(ABC):
     """
 
     #: registered engine name, set by :func:`register_backend`
-    engine = "?"
+    backend_name = "?"
 
     def __init__(
         self, name: str, manifest: Manifest, folder: Path, device: str, options: Optional[BackendOptions] = None
@@ -55,7 +55,7 @@ class Backend(ABC):
     @property
     def runs_on(self) -> str:
         """What computes this stage: ``<backend>-<precision>`` (e.g. ``ort-fp32``, ``openvino-bf16``)."""
-        return f"{self.engine}-{self.manifest.precision}"
+        return f"{self.backend_name}-{self.manifest.precision}"
 
     def __enter__(self) -> "Backend":
         self._activate()
@@ -109,7 +109,7 @@ def register_backend(engine: str) -> Callable[[type[Backend]], type[Backend]]:
     """Class decorator registering a backend under an engine name."""
 
     def _register(cls: type[Backend]) -> type[Backend]:
-        cls.engine = engine
+        cls.backend_name = engine
         BACKENDS[engine] = cls
         return cls
 

@@ -17,8 +17,9 @@ Precision (``--precision``, :func:`select_precision`):
   result is only used where it was shown to reproduce the fp32 registration.
 
 Per-stage backend: each stage runs on OpenVINO or on onnxruntime, whichever is faster on this
-machine. The choice is measured once (both backends loaded, one warm-up and two interleaved
-timed runs each on a random input of the stage's shape, the faster minimum wins), stored in
+machine. The choice is measured once (both backends loaded, one warm-up and up to two
+interleaved timed runs each on a random input of the stage's shape, the second skipped when the
+first is a clear call; the faster minimum wins), stored in
 ``<cache>/stage_backends.json`` keyed by the stage file's sha256, precision, threads, CPU and
 library versions, and reused; ``BackendOptions.stages`` forces it. Why: OpenVINO's flow
 estimators ran 1.6-1.9x faster than onnxruntime here (2x on the Intel machine of the issue),
@@ -29,8 +30,10 @@ gate), so the choice is between verified backends.
 Compiled models are cached by OpenVINO in ``<cache>`` (``CACHE_DIR``), where ``<cache>`` is
 ``BackendOptions.cache_dir`` or :func:`~iirp.runtime.engines.options.default_cache_dir`.
 
-Inputs are shared with OpenVINO for the call (not copied); outputs are copied out of the
-request, so every call returns fresh arrays as the backend contract says.
+Inputs are shared with OpenVINO for the call (not copied). Outputs are not copied either: they
+are the infer request's own output memory, and a request is only run again once nothing refers
+to its earlier outputs (another request runs meanwhile), so every call still returns arrays that
+no later call overwrites, as the backend contract says (:meth:`OpenVinoBackend._free_request`).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import contextlib
 import json
 import os
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -69,8 +73,10 @@ BF16_CAPABILITY = "BF16"
 _HINTS = {"fp32": "f32", "bf16": "bf16"}
 #: Where the measured per-stage backend choice is kept, inside the cache folder.
 STAGE_CHOICE_FILE = "stage_backends.json"
-#: Timed runs per backend when a stage's backend is measured (after one warm-up each).
+#: Timed runs per backend when a stage's backend is measured (after one warm-up each) ...
 CHOICE_RUNS = 2
+#: ... stopping after the first round when one backend is faster by this factor (a clear call).
+CHOICE_CLEAR_RATIO = 1.25
 
 
 class OpenVinoPrecisionError(IirpError):
@@ -187,7 +193,7 @@ class OpenVinoBackend(Backend):
     it runs on OpenVINO. ``auto`` is resolved here when the backend is used directly.
     """
 
-    engine = "openvino"
+    backend_name = "openvino"
 
     @property
     def runs_on(self) -> str:
@@ -228,16 +234,51 @@ class OpenVinoBackend(Backend):
             )
         _check_ports(path, "input", self.spec.inputs, self.compiled.inputs)
         _check_ports(path, "output", self.spec.outputs, self.compiled.outputs)
-        self.request = self.compiled.create_infer_request()
         self.output_ports = [(t.name, self.compiled.output(t.name)) for t in self.spec.outputs]
+        self.requests: list[tuple[Any, list[weakref.ref]]] = []  # (infer request, leases of its last outputs)
 
     def _release(self) -> None:
-        for attr in ("request", "output_ports", "compiled"):
+        for attr in ("requests", "output_ports", "compiled"):
             self.__dict__.pop(attr, None)
 
     def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        result = self.request.infer(feeds, share_inputs=True, share_outputs=True)
-        return {name: np.array(result[port], dtype=np.float32, copy=True) for name, port in self.output_ports}
+        request, leases = self._free_request()
+        result = request.infer(feeds, share_inputs=True, share_outputs=True)
+        outputs = {}
+        for name, port in self.output_ports:
+            lease = _Lease(result[port])
+            leases.append(weakref.ref(lease))
+            outputs[name] = np.asarray(lease)
+        return outputs
+
+    def _free_request(self) -> tuple[Any, list[weakref.ref]]:
+        """An infer request none of whose earlier outputs is still referenced, else a new one.
+
+        OpenVINO writes each request's outputs into the same memory on every call, and the
+        outputs are returned without a copy (the feature extractor's are 420 MB at full size,
+        and copying them cost as much as a third of the stage). So a request is reused only once
+        every array (or view of one) it returned is gone; while any is alive, its memory is left
+        alone and another request runs. The pipeline holds at most a few per stage.
+        """
+        for request, leases in self.requests:
+            if all(ref() is None for ref in leases):
+                leases.clear()
+                return request, leases
+        entry: tuple[Any, list[weakref.ref]] = (self.compiled.create_infer_request(), [])
+        self.requests.append(entry)
+        return entry
+
+
+class _Lease:
+    """Owner of one output array's memory as numpy sees it: every view of the array has it as ``.base``.
+
+    Holds the OpenVINO output view (which keeps the tensor alive); a weak reference to the lease
+    tells the backend when no array of that output is left, so its request may be reused.
+    """
+
+    def __init__(self, view: np.ndarray) -> None:
+        self.view = view
+        self.__array_interface__ = view.__array_interface__
 
 
 def _property(compiled: Any, name: str, default: Any) -> Any:
@@ -341,6 +382,9 @@ class OpenVinoStage(Backend):
                     t0 = time.perf_counter()
                     backend.infer(feeds)
                     ms.setdefault(name, []).append((time.perf_counter() - t0) * 1e3)
+                fast, slow = sorted(min(v) for v in ms.values())
+                if slow >= CHOICE_CLEAR_RATIO * fast:
+                    break
         except BaseException:
             for backend in entered.values():
                 backend.__exit__(None, None, None)
