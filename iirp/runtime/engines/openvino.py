@@ -17,9 +17,9 @@ Precision (``--precision``, :func:`select_precision`):
   result is only used where it was shown to reproduce the fp32 registration.
 
 Per-stage backend: each stage runs on OpenVINO or on onnxruntime, whichever is faster on this
-machine. The choice is measured once (both backends loaded, one warm-up and up to two
-interleaved timed runs each on a random input of the stage's shape, the second skipped when the
-first is a clear call; the faster minimum wins), stored in
+machine. The choice is measured once (both backends loaded, one warm-up and up to three
+interleaved timed runs each on a random input of the stage's shape, fewer for a slow stage with a
+clear winner; the faster minimum wins), stored in
 ``<cache>/stage_backends.json`` keyed by the stage file's sha256, precision, threads, CPU and
 library versions, and reused; ``BackendOptions.stages`` forces it. Why: OpenVINO's flow
 estimators ran 1.6-1.9x faster than onnxruntime here (2x on the Intel machine of the issue),
@@ -73,10 +73,13 @@ BF16_CAPABILITY = "BF16"
 _HINTS = {"fp32": "f32", "bf16": "bf16"}
 #: Where the measured per-stage backend choice is kept, inside the cache folder.
 STAGE_CHOICE_FILE = "stage_backends.json"
-#: Timed runs per backend when a stage's backend is measured (after one warm-up each) ...
-CHOICE_RUNS = 2
-#: ... stopping after the first round when one backend is faster by this factor (a clear call).
+#: Timed rounds (one run per backend) when a stage's backend is measured, after one warm-up each ...
+CHOICE_RUNS = 3
+#: ... stopping early when one backend is faster by this factor (a clear call) and a round takes
+#: over :data:`CHOICE_SLOW_ROUND_MS` (cheap stages always get every round: one noisy sample on a
+#: busy machine must not decide them).
 CHOICE_CLEAR_RATIO = 1.25
+CHOICE_SLOW_ROUND_MS = 1000.0
 
 
 class OpenVinoPrecisionError(IirpError):
@@ -383,7 +386,7 @@ class OpenVinoStage(Backend):
                     backend.infer(feeds)
                     ms.setdefault(name, []).append((time.perf_counter() - t0) * 1e3)
                 fast, slow = sorted(min(v) for v in ms.values())
-                if slow >= CHOICE_CLEAR_RATIO * fast:
+                if slow >= CHOICE_CLEAR_RATIO * fast and sum(v[-1] for v in ms.values()) > CHOICE_SLOW_ROUND_MS:
                     break
         except BaseException:
             for backend in entered.values():
