@@ -146,10 +146,10 @@ def bf16_gate(
     try:
         import openvino
 
-        from iirp.runtime.engines.openvino import _cpu_name, cpu_capabilities, cpu_has_native_bf16
+        from iirp.runtime.engines.openvino import cpu_capabilities, cpu_has_native_bf16, cpu_name
     except ImportError:
         return _not_run(record, "OpenVINO is not installed on the export machine")
-    record.update({"openvino": openvino.__version__, "cpu": _cpu_name()})
+    record.update({"openvino": openvino.__version__, "cpu": cpu_name()})
     if manifest.precision != "fp32":
         return _not_run(record, f"the export is {manifest.precision}; the openvino engine reads fp32 exports")
     if not cpu_has_native_bf16():

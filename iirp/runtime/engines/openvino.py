@@ -61,6 +61,7 @@ __all__ = [
     "OpenVinoStage",
     "cpu_capabilities",
     "cpu_has_native_bf16",
+    "cpu_name",
     "bf16_gate_status",
     "select_precision",
     "check_engine_folder",
@@ -107,7 +108,8 @@ def cpu_has_native_bf16() -> bool:
     return BF16_CAPABILITY in cpu_capabilities()
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """OpenVINO's name of the CPU (``FULL_DEVICE_NAME``), for records and cache keys."""
     try:
         return str(_openvino().Core().get_property("CPU", "FULL_DEVICE_NAME"))
     except Exception:  # an informative field only
@@ -154,7 +156,7 @@ def select_precision(requested: str, *, bf16_native: bool, gate: Optional[dict[s
         if not bf16_native:
             raise OpenVinoPrecisionError(
                 "--precision bf16 needs a CPU that computes bf16 natively (AMX or AVX512-BF16; OpenVINO reports "
-                f"{', '.join(cpu_capabilities_safe())} here): use --precision fp32 or auto"
+                f"{', '.join(_cpu_capabilities_safe())} here): use --precision fp32 or auto"
             )
         return PrecisionChoice("bf16", None if status == "passed" else f"bf16 as asked, although {reason}")
     if not bf16_native:
@@ -165,7 +167,7 @@ def select_precision(requested: str, *, bf16_native: bool, gate: Optional[dict[s
     return PrecisionChoice("fp32", f"auto chose fp32: {reason}")
 
 
-def cpu_capabilities_safe() -> list[str]:
+def _cpu_capabilities_safe() -> list[str]:
     """:func:`cpu_capabilities`, or ``['unknown']`` where OpenVINO cannot be asked."""
     try:
         return cpu_capabilities()
@@ -414,7 +416,7 @@ class OpenVinoStage(Backend):
         threads = self.options.threads or f"all{usable_cores()}"
         return "|".join(str(p) for p in (
             self.name, self.spec.sha256[:16], "x".join(map(str, self.manifest.size)), self.options.precision,
-            f"threads={threads}", _cpu_name(), f"openvino={ov.__version__}", f"ort={onnxruntime.__version__}",
+            f"threads={threads}", cpu_name(), f"openvino={ov.__version__}", f"ort={onnxruntime.__version__}",
         ))
 
     def _release(self) -> None:
