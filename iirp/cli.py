@@ -52,9 +52,13 @@ def run(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="RP-Net checkpoint (.pt): PyTorch reference."),
     engines: Optional[Path] = typer.Option(None, "--engines", help="Folder written by iirp-export."),
     engine: Optional[str] = typer.Option(
-        None, "--engine", help="torch | ort | trt (default: torch with --checkpoint, ort with --engines)."
+        None, "--engine", help="torch | ort | openvino | trt (default: torch with --checkpoint, ort with --engines)."
     ),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    precision: str = typer.Option(
+        "auto", "--precision", help="auto | fp32 | bf16 (engine openvino; others compute in the folder's precision)."
+    ),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads per library (default: all cores)."),
     iterstop: str = typer.Option("official", "--iterstop", help="official | paper | rpnet | fixed:a,b,c,d"),
     delta: float = typer.Option(DEFAULT_DELTA, "--delta", help="IterStop NCC improvement threshold."),
     max_iters: int = typer.Option(DEFAULT_MAX_ITERS, "--max-iters", help="Maximum passes per level."),
@@ -102,17 +106,21 @@ def run(
     def _check_options() -> None:
         # cheap checks first, so a typo does not wait for the images or the model to load
         from iirp.iterstop import parse_iterstop
+        from iirp.runtime.engines.options import BackendOptions
         from iirp.runtime.intensity import parse_intensity
         from iirp.runtime.solvers import check_request
 
+        BackendOptions(precision=precision, threads=threads)
         parse_iterstop(iterstop, delta, max_iters)
         parse_intensity(intensity)
         check_request(engine_name, checkpoint=checkpoint, engines=engines, device=device)
 
     def _solver():  # type: ignore[no-untyped-def]
         from iirp.runtime import make_solver
+        from iirp.runtime.engines.options import BackendOptions
 
-        return make_solver(engine_name, checkpoint=checkpoint, engines=engines, device=device)
+        return make_solver(engine_name, checkpoint=checkpoint, engines=engines, device=device,
+                           options=BackendOptions(precision=precision, threads=threads))
 
     if pairs is not None:
         _run_cohort(pairs, out_dir, _check_options, _solver, options, qc, overwrite, verbose)
@@ -176,10 +184,23 @@ def _print_report(report: dict) -> None:
     t = report["timings_ms"]
     stages = ", ".join(f"{k} {v / 1e3:.1f}s" for k, v in t.items() if k not in ("total", "iirp"))
     typer.echo(f"iterations (levels 4..1): {report['iterations']}  estimator passes: {report['estimator_passes']}")
+    typer.echo(backend_summary(report))
     typer.echo(f"folding fraction: {report['folding_fraction']:.5f}")
     typer.echo(f"time: {t['total'] / 1e3:.1f}s ({stages})")
     for name, path in report["outputs"].items():
         typer.echo(f"{name:>13}: {path}")
+
+
+def backend_summary(report: dict) -> str:
+    """``engine openvino, precision fp32 (note); stages: ort-fp32 feature_extractor; ...``: what ran, one line."""
+    groups: dict[str, list[str]] = {}
+    for stage, runs_on in (report.get("stage_backends") or {}).items():
+        groups.setdefault(runs_on, []).append(stage.replace("flow_estimator_", "estimator "))
+    stages = "; ".join(f"{runs_on} for {', '.join(names)}" for runs_on, names in groups.items())
+    note = f" ({report['precision_note']})" if report.get("precision_note") else ""
+    load = f"; load {report['load_ms'] / 1e3:.1f}s" if report.get("load_ms") is not None else ""
+    head = f"engine {report['engine']}, precision {report['precision']}{note}"
+    return head + (f"; {stages}" if stages else "") + load
 
 
 def _run_cohort(pairs_csv: Path, out: Path, check: Callable[[], None], make: Callable[[], object], options: object,
@@ -241,7 +262,10 @@ def export(
     trt: bool = typer.Option(False, "--trt", help="Also build TensorRT engines (needs tensorrt and a GPU)."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Compare every stage with PyTorch (onnxruntime)."),
     verify_pair: Optional[tuple[Path, Path]] = typer.Option(
-        None, "--verify-pair", help="FIXED MOVING images to verify with as well."
+        None, "--verify-pair", help="FIXED MOVING images to verify with as well (and to gate OpenVINO bf16)."
+    ),
+    verify_labels: Optional[tuple[Path, Path]] = typer.Option(
+        None, "--verify-labels", help="FIXED_SEG MOVING_SEG label maps of the --verify-pair: Dice in the bf16 gate."
     ),
     verbose: bool = typer.Option(False, "--verbose", help="Show tracebacks."),
 ) -> None:
@@ -255,6 +279,7 @@ def export(
             checkpoint, out, shape=shape if shape and None not in shape else None, dynamic=dynamic,
             precision=precision, opset=opset, trt=trt, verify=verify,
             verify_pair=verify_pair if verify_pair and None not in verify_pair else None, progress=True,
+            verify_labels=verify_labels if verify_labels and None not in verify_labels else None,
         )
 
     manifest = _guarded("iirp-export", verbose, _go)
@@ -262,6 +287,9 @@ def export(
     engines = ", TensorRT engines" if manifest.tensorrt else ""
     typer.echo(f"wrote {out}: {len(manifest.stages)} stages, {manifest.precision}, {grid}, opset {manifest.opset}"
                f" ({manifest.exporter.get('method', '?')} exporter){engines}")
+    gate = (manifest.openvino or {}).get("bf16_gate")
+    if gate:
+        typer.echo(f"OpenVINO bf16 gate: {gate['status']}" + (f" ({gate['reason']})" if gate.get("reason") else ""))
 
 
 def _progress_steps(prog: str):  # type: ignore[no-untyped-def]
@@ -278,16 +306,21 @@ def _progress_steps(prog: str):  # type: ignore[no-untyped-def]
 )
 def bench_latency(
     engines: Path = typer.Option(..., "--engines", help="Folder written by iirp-export."),
-    engine: list[str] = typer.Option(["ort"], "--engine", help="Engine to time (repeatable): ort | trt | torch."),
+    engine: list[str] = typer.Option(
+        ["ort", "openvino"], "--engine",
+        help="Engine to time (repeatable): ort | openvino (fp32, + bf16 where native) | openvino-fp32 | "
+             "openvino-bf16 | trt | torch."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     shape: Optional[tuple[int, int, int]] = typer.Option(
         None, "--shape", help="Model grid D H W (default: the folder's)."
     ),
-    pair: Optional[tuple[Path, Path]] = typer.Option(None, "--pair", help="FIXED MOVING images to time."),
+    pair: Optional[tuple[Path, Path]] = typer.Option(
+        None, "--pair", help="FIXED MOVING images to time (default: the built-in demo pair, resampled to the grid)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="The folder's source checkpoint, if moved."),
     repeats: int = typer.Option(3, "--repeats", help="Timed runs per engine."),
     warmup: int = typer.Option(1, "--warmup", help="Untimed runs per engine first."),
     iterstop: str = typer.Option("official", "--iterstop", help="official | paper | rpnet | fixed:a,b,c,d"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads per library (default: all cores)."),
     out: Path = typer.Option(..., "-o", "--out", help="Report folder: latency.md, latency.json, latency.png."),
     verbose: bool = typer.Option(False, "--verbose", help="Show tracebacks."),
 ) -> None:
@@ -304,7 +337,7 @@ def bench_latency(
             out, engines, engines=engine, device=device, checkpoint=checkpoint,
             shape=shape if shape and None not in shape else None,
             pair=pair if pair and None not in pair else None, repeats=repeats, warmup=warmup, iterstop=iterstop,
-            on_step=step))
+            threads=threads, on_step=step))
     for e in payload["engines"]:
         speed = "baseline" if e["baseline"] else f"{e['speedup_vs_reference']:.2f}x"
         typer.echo(f"{e['engine']:>14}: median {e['median_ms'] / 1e3:.3f} s ({speed}), iterations {e['iterations']}")

@@ -178,6 +178,8 @@ class Manifest:
         exporter: library versions used for the export.
         tensorrt: ``gpu_name``, ``compute_capability``, ``tensorrt_version``, ``timing_cache``
             when engines were built, else None.
+        openvino: ``{"bf16_gate": {...}}``, the bf16 accuracy record of ``iirp-export --verify-pair``
+            (:mod:`iirp.export.openvino_gate`), which ``--precision auto`` reads; None without one.
     """
 
     source_sha256: str
@@ -192,6 +194,7 @@ class Manifest:
     dynamic_range: Optional[dict[str, list[int]]] = None
     exporter: dict[str, str] = field(default_factory=dict)
     tensorrt: Optional[dict[str, Any]] = None
+    openvino: Optional[dict[str, Any]] = None
     source_path: str = ""
     iirp_version: str = ""
     format_version: int = FORMAT_VERSION

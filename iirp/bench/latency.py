@@ -70,6 +70,8 @@ class EngineLatency:
     estimator_passes: int = 0
     precision: str = "fp32"
     device: str = "cpu"
+    #: the solver's ``backend_report`` (stage backends, precision note, threads), where it has one
+    backend: dict[str, Any] = field(default_factory=dict)
 
     def summary(self, reference: Optional["EngineLatency"] = None) -> dict[str, Any]:
         """Medians, spread, stage rows and the speedup over ``reference`` (same run)."""
@@ -95,6 +97,8 @@ class EngineLatency:
             "estimator_passes": self.estimator_passes,
             "peak_memory_mb": max(self.peak_memory_mb) if self.peak_memory_mb else None,
             "stages_median_ms": stages,
+            "stage_backends": self.backend.get("stage_backends"),
+            "precision_note": self.backend.get("precision_note"),
             "other_ms": median - covered,
             "stage_coverage": covered / median,
             "end_to_end_ms": self.end_to_end_ms,
@@ -198,7 +202,8 @@ def measure_latency(
         t0 = time.perf_counter()
         solver = spec.make()
         result = EngineLatency(spec.name, spec.baseline, load_ms=(time.perf_counter() - t0) * 1e3,
-                               precision=getattr(solver, "precision", "fp32"), device=str(solver.device))
+                               precision=getattr(solver, "precision", "fp32"), device=str(solver.device),
+                               backend=dict(getattr(solver, "backend_report", {})))
         for i in range(warmup):
             step(f"{spec.name}: warm-up {i + 1}/{warmup}")
             solver.solve(moving, fixed, rule)

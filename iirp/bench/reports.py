@@ -70,6 +70,22 @@ def _environment_lines(env: dict[str, Any]) -> list[str]:
 # ----------------------------------------------------------------------------------------------- latency
 
 
+def _backend_lines(engines: list[dict[str, Any]]) -> list[str]:
+    """One line per engine naming what computed each stage, and why its precision was chosen."""
+    lines = []
+    for e in engines:
+        backends = e.get("stage_backends")
+        if not backends:
+            continue
+        groups: dict[str, list[str]] = {}
+        for stage, runs_on in backends.items():
+            groups.setdefault(runs_on, []).append(stage)
+        text = "; ".join(f"{runs_on}: {', '.join(stages)}" for runs_on, stages in groups.items())
+        note = f" ({e['precision_note']})" if e.get("precision_note") else ""
+        lines.append(f"* {e['engine']} stages: {text}{note}")
+    return ["Backend of each stage:", "", *lines, ""] if lines else []
+
+
 def write_latency_report(out: Path, payload: dict[str, Any]) -> dict[str, Path]:
     """``latency.json``, ``latency.md`` and ``latency.png`` (stacked per-stage medians per engine) in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
@@ -112,6 +128,7 @@ def write_latency_report(out: Path, payload: dict[str, Any]) -> dict[str, Path]:
         "",
         f"Memory: {payload['memory_note']}",
         "",
+        *_backend_lines(engines),
     ]
     _write_text(out / "latency.md", "\n".join(lines))
 

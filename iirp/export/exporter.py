@@ -119,6 +119,23 @@ def _read_pair(pair: Sequence[PathLike], size: tuple[int, int, int]) -> "tuple[n
     return prepared.fixed, prepared.moving
 
 
+def _check_labels(labels: Sequence[PathLike], pair: Optional[Sequence[PathLike]]) -> None:
+    """The gate's label maps: a pair of readable label maps, and only with a verify pair.
+
+    Raises:
+        ExportOptionError: labels without ``verify_pair``, or not two of them.
+        ImageError: a label map cannot be read.
+    """
+    from iirp.runtime.imageio import read_labels
+
+    if pair is None:
+        raise ExportOptionError("export_checkpoint() 'verify_labels' (--verify-labels) needs --verify-pair")
+    if len(labels) != 2:
+        raise ExportOptionError(f"export_checkpoint() 'verify_labels' must be (FIXED_SEG, MOVING_SEG), got {labels!r}")
+    read_labels(labels[0], "fixed-seg")
+    read_labels(labels[1], "moving-seg")
+
+
 # --------------------------------------------------------------------------- output folder
 
 
@@ -275,6 +292,7 @@ def export_checkpoint(
     verify_pair: Optional[Sequence[PathLike]] = None,
     progress: bool = True,
     exporter: str = "auto",
+    verify_labels: Optional[Sequence[PathLike]] = None,
 ) -> Manifest:
     """Export an RP-Net checkpoint to an engine folder.
 
@@ -293,7 +311,10 @@ def export_checkpoint(
         trt: also build TensorRT engines (needs ``tensorrt``; checked before anything else).
         verify: compare every stage with PyTorch using onnxruntime (CPU); a mismatch fails.
         verify_pair: ``(FIXED, MOVING)`` image files to verify with as well (prepared as
-            ``iirp-run`` does, onto the model grid, minmax intensities).
+            ``iirp-run`` does, onto the model grid, minmax intensities); with ``verify`` it also
+            runs the OpenVINO bf16 accuracy gate (:mod:`iirp.export.openvino_gate`), recorded in
+            ``manifest.openvino``.
+        verify_labels: ``(FIXED_SEG, MOVING_SEG)`` label maps of ``verify_pair``: the gate's Dice.
         progress: show progress and the verification table on the terminal (rich).
         exporter: ``auto`` (dynamo, else torchscript), ``dynamo`` or ``torchscript``.
 
@@ -324,6 +345,8 @@ def export_checkpoint(
     net, info = load_checkpoint(checkpoint, size=dims)
     size: tuple[int, int, int] = tuple(int(s) for s in info.size)  # type: ignore[assignment]
     pair = _read_pair(verify_pair, size) if verify_pair is not None else None
+    if verify_labels is not None:
+        _check_labels(verify_labels, verify_pair)
     dynamic_range = None
     if dynamic:
         dynamic_range = {
@@ -350,6 +373,12 @@ def export_checkpoint(
             report = verify_export(folder, net, manifest, pair=pair, steps=steps)
             steps.print(report_table(report))
             report.raise_for_failure()
+            if verify_pair is not None:
+                from iirp.export.openvino_gate import bf16_gate
+
+                gate = bf16_gate(folder, manifest, verify_pair, verify_labels, steps=steps)
+                manifest.openvino = {"bf16_gate": gate}
+                manifest.save(folder)
         if trt:
             from iirp.export.tensorrt import build_engines
 

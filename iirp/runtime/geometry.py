@@ -37,6 +37,7 @@ __all__ = [
     "orient",
     "orientation_direction",
     "foreground_center",
+    "foreground_mask",
     "model_grid_for",
     "same_grid",
 ]
@@ -131,14 +132,22 @@ def orientation_direction(code: str = MODEL_ORIENTATION) -> tuple[float, ...]:
     return tuple(float(v) for v in sitk.DICOMOrient(probe, code).GetDirection())
 
 
-def foreground_center(image: sitk.Image) -> np.ndarray:
-    """Physical centre (mm, LPS) of the voxels above background.
+def foreground_mask(image: sitk.Image) -> sitk.Image:
+    """The voxels above background (uint8 1), on ``image``'s grid.
 
     Background is separated from foreground by Otsu's threshold, which works
     for skull-stripped MR (0 background), raw MR (noisy air) and CT (air at
-    -1000 HU) alike. Falls back to the image centre if nothing is above it.
+    -1000 HU) alike.
     """
-    mask = sitk.OtsuThreshold(sitk.Cast(image, sitk.sitkFloat32), 0, 1)
+    return sitk.OtsuThreshold(sitk.Cast(image, sitk.sitkFloat32), 0, 1)
+
+
+def foreground_center(image: sitk.Image) -> np.ndarray:
+    """Physical centre (mm, LPS) of the voxels above background (:func:`foreground_mask`).
+
+    Falls back to the image centre if nothing is above it.
+    """
+    mask = foreground_mask(image)
     stats = sitk.LabelShapeStatisticsImageFilter()
     stats.Execute(mask)
     if stats.HasLabel(1):

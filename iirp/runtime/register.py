@@ -248,6 +248,7 @@ def register_images(
         "iirp_version": iirp.__version__,
         "engine": solver.engine,
         "precision": getattr(solver, "precision", "fp32"),
+        **getattr(solver, "backend_report", {}),  # precision_note, threads, load_ms, stage_backends
         "device": solver.device,
         "source": solver.source,
         "source_sha256": solver.source_sha256,

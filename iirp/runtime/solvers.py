@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 import numpy as np
 
 from iirp.errors import IirpError
 from iirp.iterstop import IterStopRule, IterStopTrace
+from iirp.runtime.engines.options import BackendOptionError, BackendOptions
 from iirp.typing import PathLike
 
 __all__ = ["FlowSolver", "TorchSolver", "make_solver", "SOLVERS"]
@@ -53,7 +54,7 @@ class TorchSolver:
     engine = "torch"
     precision = "fp32"
 
-    def __init__(self, checkpoint: PathLike, device: str = "cpu") -> None:
+    def __init__(self, checkpoint: PathLike, device: str = "cpu", options: Optional[BackendOptions] = None) -> None:
         try:
             import torch
 
@@ -64,6 +65,12 @@ class TorchSolver:
             raise IirpError(f"device {device!r} requested but torch sees no CUDA device")
         if not (device == "cpu" or device.startswith("cuda")):
             raise IirpError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
+        self.options = options or BackendOptions()
+        if self.options.precision not in ("auto", "fp32"):
+            raise BackendOptionError(f"--precision {self.options.precision} is for engine 'openvino'; the PyTorch "
+                                     "reference computes in fp32")
+        if self.options.threads is not None:
+            torch.set_num_threads(self.options.threads)  # process-wide
         self.net, self.info = load_checkpoint(checkpoint)
         self.device = device
         self.model_size = self.info.size
@@ -75,9 +82,17 @@ class TorchSolver:
 
         return register_arrays(self.net, moving, fixed, rule, device=self.device)
 
+    @property
+    def backend_report(self) -> dict[str, Any]:
+        """Threads and the backend of every stage (all PyTorch), as :class:`EngineSolver` reports them."""
+        from iirp.manifest import STAGES
 
-#: Engine name -> factory ``(checkpoint, device) -> FlowSolver`` for ``--checkpoint`` runs.
-SOLVERS: dict[str, Callable[[PathLike, str], FlowSolver]] = {"torch": TorchSolver}
+        return {"precision_note": None, "threads": self.options.threads, "load_ms": None,
+                "stage_backends": {stage: f"torch-{self.precision}" for stage in STAGES}}
+
+
+#: Engine name -> factory ``(checkpoint, device, options) -> FlowSolver`` for ``--checkpoint`` runs.
+SOLVERS: dict[str, Callable[[PathLike, str, Optional[BackendOptions]], FlowSolver]] = {"torch": TorchSolver}
 
 
 def check_request(
@@ -102,7 +117,8 @@ def check_request(
 
 
 def make_solver(
-    engine: str, *, checkpoint: PathLike | None = None, engines: PathLike | None = None, device: str = "cpu"
+    engine: str, *, checkpoint: PathLike | None = None, engines: PathLike | None = None, device: str = "cpu",
+    options: Optional[BackendOptions] = None,
 ) -> FlowSolver:
     """Build a solver: the PyTorch reference from a checkpoint, or ``engine`` over an exported folder.
 
@@ -113,22 +129,27 @@ def make_solver(
         checkpoint: an RP-Net checkpoint, for ``--checkpoint`` runs.
         engines: an ``iirp-export`` folder, for ``--engines`` runs.
         device: ``cpu`` or ``cuda[:N]``.
+        options: precision (``openvino`` only, besides the folder's own), threads, cache folder.
 
     Raises:
         IirpError: neither or both sources, unknown engine or device, or the solver cannot be built
-            (``CudaUnavailableError`` when ``cuda`` is asked for and there is no device).
+            (``CudaUnavailableError`` when ``cuda`` is asked for and there is no device;
+            ``BackendOptionError`` for a precision the engine does not compute).
     """
     check_request(engine, checkpoint=checkpoint, engines=engines, device=device)
+    options = options or BackendOptions()
+    if options.precision == "bf16" and engine != "openvino":
+        raise BackendOptionError(f"--precision bf16 needs --engine openvino, got engine {engine!r}")
     if device != "cpu" and engine == "torch":
         return _cuda_solver(checkpoint, engines, device)
     if engines is not None:
         from iirp.runtime.pipeline import EngineSolver
 
-        return EngineSolver(engines, engine, device)
+        return EngineSolver(engines, engine, device, options)
     if engine not in SOLVERS:
         raise IirpError(f"engine {engine!r} needs --engines DIR (an iirp-export folder); with --checkpoint use torch")
     assert checkpoint is not None
-    return SOLVERS[engine](checkpoint, device)
+    return SOLVERS[engine](checkpoint, device, options)
 
 
 def _cuda_solver(checkpoint: PathLike | None, engines: PathLike | None, device: str) -> FlowSolver:

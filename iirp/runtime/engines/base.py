@@ -6,17 +6,22 @@ it. :meth:`Backend.infer` takes ``{input name: array}`` and returns
 ``{output name: array}``; the base class checks activity, names, dtypes and
 shapes against the manifest's :class:`~iirp.manifest.StageSpec`, then calls the
 subclass's ``_infer``. Output arrays are fresh (never reused between calls).
+
+Every backend gets the user's :class:`~iirp.runtime.engines.options.BackendOptions`
+(precision, threads, cache folder) and says what it runs on in :attr:`Backend.runs_on`
+(``ort-fp32``, ``openvino-bf16``...), which the reports record per stage.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 
 from iirp.manifest import STAGES, Manifest, StageSpec
+from iirp.runtime.engines.options import BackendOptions
 
 __all__ = ["Backend", "BackendFactory", "StageSet", "BACKENDS", "register_backend"]
 
@@ -30,15 +35,27 @@ class Backend(ABC):
             shapes and dtypes.
         folder: the engine folder the files live in.
         device: ``cpu`` or ``cuda[:N]``.
+        options: precision, threads and cache folder (defaults when None).
     """
 
-    def __init__(self, name: str, manifest: Manifest, folder: Path, device: str) -> None:
+    #: registered engine name, set by :func:`register_backend`
+    backend_name = "?"
+
+    def __init__(
+        self, name: str, manifest: Manifest, folder: Path, device: str, options: Optional[BackendOptions] = None
+    ) -> None:
         self.name = name
         self.manifest = manifest
         self.spec: StageSpec = manifest.stages[name]
         self.folder = folder
         self.device = device
+        self.options = options or BackendOptions()
         self.active = False
+
+    @property
+    def runs_on(self) -> str:
+        """What computes this stage: ``<backend>-<precision>`` (e.g. ``ort-fp32``, ``openvino-bf16``)."""
+        return f"{self.backend_name}-{self.manifest.precision}"
 
     def __enter__(self) -> "Backend":
         self._activate()
@@ -82,7 +99,8 @@ class Backend(ABC):
     def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
 
-BackendFactory = Callable[[str, Manifest, Path, str], Backend]
+#: ``(stage name, manifest, folder, device, options) -> Backend``
+BackendFactory = Callable[[str, Manifest, Path, str, Optional[BackendOptions]], Backend]
 #: engine name -> backend class; filled by the backend modules on import.
 BACKENDS: dict[str, BackendFactory] = {}
 
@@ -91,6 +109,7 @@ def register_backend(engine: str) -> Callable[[type[Backend]], type[Backend]]:
     """Class decorator registering a backend under an engine name."""
 
     def _register(cls: type[Backend]) -> type[Backend]:
+        cls.backend_name = engine
         BACKENDS[engine] = cls
         return cls
 
@@ -105,11 +124,14 @@ class StageSet:
         folder: the engine folder.
         engine: registered backend name.
         device: ``cpu`` or ``cuda[:N]``.
+        options: passed to every backend.
     """
 
-    def __init__(self, manifest: Manifest, folder: Path, engine: str, device: str) -> None:
+    def __init__(
+        self, manifest: Manifest, folder: Path, engine: str, device: str, options: Optional[BackendOptions] = None
+    ) -> None:
         factory = BACKENDS[engine]
-        self.stages = {name: factory(name, manifest, folder, device) for name in STAGES}
+        self.stages = {name: factory(name, manifest, folder, device, options) for name in STAGES}
 
     def __enter__(self) -> "StageSet":
         entered: list[Backend] = []
@@ -128,3 +150,7 @@ class StageSet:
 
     def __getitem__(self, name: str) -> Backend:
         return self.stages[name]
+
+    def runs_on(self) -> dict[str, str]:
+        """Stage name -> what computes it (:attr:`Backend.runs_on`); meaningful once entered."""
+        return {name: backend.runs_on for name, backend in self.stages.items()}

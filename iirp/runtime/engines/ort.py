@@ -27,6 +27,8 @@ class OrtBackend(Backend):
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
+        if self.options.threads is not None:
+            options.intra_op_num_threads = self.options.threads
         if self.device.startswith("cuda"):
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise IirpError("device 'cuda' with engine 'ort' needs onnxruntime-gpu (CUDAExecutionProvider)")

@@ -31,6 +31,8 @@ class TorchBackend(Backend):
             raise IirpError("engine 'torch' needs PyTorch: pip install torch") from err
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise IirpError(f"device {self.device!r} requested but torch sees no CUDA device")
+        if self.options.threads is not None:
+            torch.set_num_threads(self.options.threads)  # process-wide, like every torch setting
         source = self.manifest.source_path
         if not source or not os.path.isfile(source):
             raise ManifestMismatchError(f"engine 'torch' needs the source checkpoint {source!r}, which is missing")
