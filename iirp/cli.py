@@ -325,10 +325,6 @@ def bench_latency(
     verbose: bool = typer.Option(False, "--verbose", help="Show tracebacks."),
 ) -> None:
     """Latency per engine and per stage (median, p90, min), speedup over the reference, memory."""
-    if repeats < 1:
-        _fail("iirp-bench", f"--repeats must be >= 1, got {repeats}", verbose)
-    if warmup < 0:
-        _fail("iirp-bench", f"--warmup must be >= 0, got {warmup}", verbose)
     from iirp.bench import latency_benchmark
 
     status, step = _progress_steps("iirp-bench")

@@ -760,13 +760,13 @@ def _export_shape_text(d: dict, work: Path) -> Case:
 @case("bench_latency_repeats_zero")
 def _bench_repeats(d: dict, work: Path) -> Case:
     return Case("iirp-bench", ["latency", "--engines", str(d["engines"]), "--repeats", "0", "-o", OUT],
-                r"--repeats must be >= 1, got 0")
+                r"'repeats' \(--repeats\) must be an integer >= 1, got 0")
 
 
 @case("bench_latency_warmup_negative")
 def _bench_warmup(d: dict, work: Path) -> Case:
     return Case("iirp-bench", ["latency", "--engines", str(d["engines"]), "--warmup", "-1", "-o", OUT],
-                r"--warmup must be >= 0, got -1")
+                r"'warmup' \(--warmup\) must be an integer >= 0, got -1")
 
 
 @case("bench_unknown_subcommand")
