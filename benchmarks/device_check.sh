@@ -50,7 +50,7 @@ fi
 tests_rc=skipped
 if python -c "import pytest" 2>/dev/null; then
   timeout "$TESTS_TIMEOUT" python -m pytest -q -rs -m gpu -p no:cacheprovider \
-    tests/kernels/test_cuda_kernels.py tests/runtime/test_gpu_pipeline.py > "$OUTDIR/tests.log" 2>&1
+    tests/kernels/test_cuda_kernels.py tests/runtime/test_device_pipeline.py > "$OUTDIR/tests.log" 2>&1
   tests_rc=$?
 else
   echo "pytest is not installed on this machine: GPU tests skipped (gpu_latency.py checks fp32 parity itself)" \

@@ -13,14 +13,15 @@ with CUDA events on the current stream:
 
 * ``reference fp32``: :func:`iirp.model.reference.register_tensors` on CUDA (eager
   PyTorch: full-resolution upsample + warp + NCC at every check), TF32 off;
-* ``pipeline fp32`` / ``pipeline fp16``: :class:`iirp.runtime.gpu_pipeline.CudaSolver`
-  (cuDNN stages, channels-last 3D, CUDA kernels; fp16 = network in half precision,
-  flows float32), TF32 off.
+* ``pipeline fp32`` / ``pipeline fp16``: the one pipeline on the CUDA placement,
+  :meth:`iirp.runtime.pipeline.EngineSolver.from_checkpoint` with ``device="cuda"``
+  (torch stages on cuDNN, channels-last 3D, CuPy arrays and the CUDA kernels on one stream;
+  fp16 = network in half precision, flows float32), TF32 off.
 
 Reported: median and p90 end-to-end latency, per-stage GPU time of the pipeline
-(CUDA events), peak GPU memory (``torch.cuda.max_memory_allocated`` over one run:
-the cuda.core scratch of the score kernel, 40 bytes per 256 voxels, is not
-counted), iterations; on the 160x192x160 pair, the flow difference and mean Dice
+(CUDA events), peak GPU memory (``torch.cuda.max_memory_allocated`` over one run plus
+what CuPy's memory pool holds after it; the cuda.core scratch of the score kernel,
+40 bytes per 256 voxels, is not counted), iterations; on the 160x192x160 pair, the flow difference and mean Dice
 (48 shared labels, moving labels warped with the nearest-label CUDA kernel, Dice
 in numpy) against the CPU pipeline (numba kernels, torch stages on the CPU, same
 weights); and the fused score kernel's achieved bandwidth against the card's
@@ -88,9 +89,10 @@ def reference_runner(torch: Any, ckpt: Path, shape: tuple[int, int, int], moving
 
 def pipeline_runner(ckpt: Path, shape: tuple[int, int, int], precision: str, moving: np.ndarray, fixed: np.ndarray,
                     rule: Any) -> Callable[[], tuple[np.ndarray, Any]]:
-    from iirp.runtime.gpu_pipeline import CudaSolver
+    from iirp.runtime.engines.options import BackendOptions
+    from iirp.runtime.pipeline import EngineSolver
 
-    solver = CudaSolver(ckpt, "cuda", precision, size=shape)
+    solver = EngineSolver.from_checkpoint(ckpt, "cuda", BackendOptions(precision=precision), size=shape)
 
     def run() -> tuple[np.ndarray, Any]:
         trace = solver.solve(moving, fixed, rule)
@@ -114,8 +116,11 @@ def measure(torch: Any, run: Callable[[], tuple[np.ndarray, Any]], warmup: int, 
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     resident = torch.cuda.memory_allocated()
+    pool = _cupy_pool()
+    if pool is not None:
+        pool.free_all_blocks()
     flow, trace = run()
-    peak = torch.cuda.max_memory_allocated()
+    peak = torch.cuda.max_memory_allocated() + (pool.total_bytes() if pool is not None else 0)
     keys = [k for k in stages[0] if all(k in s for s in stages)] if stages else []
     return {
         "total_ms": totals, "median_ms": statistics.median(totals), "p90_ms": float(np.percentile(totals, 90)),
@@ -123,6 +128,15 @@ def measure(torch: Any, run: Callable[[], tuple[np.ndarray, Any]], warmup: int, 
         "peak_mib": peak / 2**20, "resident_before_mib": resident / 2**20,
         "iterations": list(trace.iterations), "estimator_passes": trace.estimator_passes, "flow": flow,
     }
+
+
+def _cupy_pool() -> Any:
+    """CuPy's default memory pool (the pipeline's arrays), or None without CuPy."""
+    try:
+        import cupy
+    except ImportError:
+        return None
+    return cupy.get_default_memory_pool()
 
 
 def score_bandwidth(torch: Any, shape: tuple[int, int, int], factor: int, repeats: int, peak: float) -> dict[str, Any]:
@@ -169,12 +183,12 @@ def score_bandwidth(torch: Any, shape: tuple[int, int, int], factor: int, repeat
 
 def cpu_flow(pair: dict[str, Any], rule: Any) -> tuple[np.ndarray, list[int], float]:
     """The CPU pipeline (numba kernels, torch stages on the CPU): flow, iterations, seconds."""
-    from iirp.runtime.gpu_pipeline import TorchStages
-    from iirp.runtime.pipeline import register_arrays_with_engines
+    from iirp.runtime.pipeline import EngineSolver
 
-    stages = TorchStages(pair["ckpt"], "cpu", "fp32")
+    solver = EngineSolver.from_checkpoint(pair["ckpt"])
+    solver.load()
     t0 = time.perf_counter()
-    trace = register_arrays_with_engines(stages.engine_stages(), pair["moving"], pair["fixed"], rule)
+    trace = solver.solve(pair["moving"], pair["fixed"], rule)
     return trace.flow, list(trace.iterations), time.perf_counter() - t0
 
 
@@ -308,8 +322,8 @@ def _markdown(env: dict, args: Any, results: dict, accuracy: dict, cpu: Any, par
         markdown_table(["size", "solver", "median (ms)", "p90 (ms)", "speedup vs reference", "iterations",
                         "peak GPU memory (MiB)"], rows),
         "",
-        "Pipeline per-stage GPU time (median, ms; CUDA events; `iirp` = features + loop, `solve` = wall incl. "
-        "upload/download):",
+        "Pipeline per-stage GPU time (median, ms; CUDA events on the pipeline's stream; `iirp` = upload, features, "
+        "loop and download):",
         "",
         markdown_table(["size", "solver", "stages"], stage_rows),
         "",

@@ -299,6 +299,15 @@ def _check_contents(folder: Path, overwrite: bool, owned: Owned, role: str) -> N
                           "--overwrite replaces only an earlier run's outputs: choose a new or empty folder")
 
 
+def _missing_folders(path: Path) -> list[Path]:
+    """``path`` and its parents that do not exist yet, innermost first."""
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
 def check_free_space(folder: PathLike, need: int, role: str = "output folder") -> None:
     """Refuse, before any work, a folder whose file system has less than ``need`` bytes free.
 
@@ -354,11 +363,7 @@ class StagedFolder:
         self._names: list[str] = []
 
     def __enter__(self) -> "StagedFolder":
-        missing = []
-        parent = self.path
-        while not parent.exists():
-            missing.append(parent)
-            parent = parent.parent
+        missing = _missing_folders(self.path)
         try:
             for folder in reversed(missing):
                 folder.mkdir()
@@ -437,11 +442,7 @@ def replace_folder(out: PathLike) -> Iterator[Path]:
         OutputError: the staging folder cannot be made.
     """
     target = Path(os.fspath(out)).absolute()
-    missing = []
-    parent = target.parent
-    while not parent.exists():
-        missing.append(parent)
-        parent = parent.parent
+    missing = _missing_folders(target.parent)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         sweep_partials(target.parent)

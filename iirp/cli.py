@@ -52,8 +52,8 @@ def run(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="RP-Net checkpoint (.pt): PyTorch reference."),
     engines: Optional[Path] = typer.Option(None, "--engines", help="Folder written by iirp-export."),
     engine: Optional[str] = typer.Option(
-        None, "--engine", help="torch | ort | openvino | trt (default: torch with --checkpoint, ort with --engines)."
-    ),
+        None, "--engine",
+        help="reference | torch | ort | openvino | trt (default: reference with --checkpoint, ort with --engines)."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     precision: str = typer.Option(
         "auto", "--precision", help="auto | fp32 | bf16 (engine openvino; others compute in the folder's precision)."
@@ -67,7 +67,10 @@ def run(
     initial_transform: Optional[Path] = typer.Option(
         None, "--initial-transform", help="Linear ITK transform file (fixed -> moving) instead of --affine."
     ),
-    intensity: str = typer.Option("minmax", "--intensity", help="minmax | percentile:LO,HI | window:LO,HI"),
+    intensity: Optional[str] = typer.Option(
+        None, "--intensity", help="minmax | percentile:LO,HI | window:LO,HI (default: the model's, minmax so far)."),
+    spacing: Optional[float] = typer.Option(
+        None, "--spacing", help="Model grid spacing (mm) for a model that records none; must match one that does."),
     qc: bool = typer.Option(False, "--qc", help="Also write qc.png (slices, checkerboard, grid, Jacobian)."),
     pairs: Optional[Path] = typer.Option(None, "--pairs", help="CSV of pairs: cohort mode (see below)."),
     demo: bool = typer.Option(False, "--demo", help="Register the built-in example pair (default -o iirp-demo)."),
@@ -75,7 +78,9 @@ def run(
     verbose: bool = typer.Option(False, "--verbose", help="Show tracebacks and library warnings."),
 ) -> None:
     """Register MOVING to FIXED; write warped image, displacement field, labels and a report."""
-    from iirp.runtime import RegistrationOptions
+    from iirp.runtime import RegistrationOptions, make_solver
+    from iirp.runtime.engines.options import BackendOptions
+    from iirp.runtime.solvers import check_request, default_engine
 
     if out == "":
         _fail("iirp-run", "missing output folder: -o/--out is empty", verbose)
@@ -96,34 +101,22 @@ def run(
     if affine and initial_transform is not None:
         _fail("iirp-run", "use either --affine or --initial-transform, not both", verbose)
     out_dir = Path(out)
-    options = RegistrationOptions(
-        iterstop=iterstop, delta=delta, max_iters=max_iters, intensity=intensity,
-        affine=affine, initial_transform=initial_transform,
-    )
+    engine_name = engine or default_engine(checkpoint, engines)
 
-    engine_name = engine or ("ort" if engines is not None else "torch")
-
-    def _check_options() -> None:
-        # cheap checks first, so a typo does not wait for the images or the model to load
-        from iirp.iterstop import parse_iterstop
-        from iirp.runtime.engines.options import BackendOptions
-        from iirp.runtime.intensity import parse_intensity
-        from iirp.runtime.solvers import check_request
-
-        BackendOptions(precision=precision, threads=threads)
-        parse_iterstop(iterstop, delta, max_iters)
-        parse_intensity(intensity)
+    def _options() -> tuple[RegistrationOptions, BackendOptions]:
+        # parsed once, cheap checks first: a typo does not wait for the images or the model to load
+        backend = BackendOptions(precision=precision, threads=threads)
+        options = RegistrationOptions(iterstop=iterstop, delta=delta, max_iters=max_iters, intensity=intensity,
+                                      affine=affine, initial_transform=initial_transform,
+                                      spacing=(spacing,) * 3 if spacing is not None else None)
         check_request(engine_name, checkpoint=checkpoint, engines=engines, device=device)
+        return options, backend
 
-    def _solver():  # type: ignore[no-untyped-def]
-        from iirp.runtime import make_solver
-        from iirp.runtime.engines.options import BackendOptions
-
-        return make_solver(engine_name, checkpoint=checkpoint, engines=engines, device=device,
-                           options=BackendOptions(precision=precision, threads=threads))
+    def _solver(backend: BackendOptions):  # type: ignore[no-untyped-def]
+        return make_solver(engine_name, checkpoint=checkpoint, engines=engines, device=device, options=backend)
 
     if pairs is not None:
-        _run_cohort(pairs, out_dir, _check_options, _solver, options, qc, overwrite, verbose)
+        _run_cohort(pairs, out_dir, _options, _solver, qc, overwrite, verbose)
         return
 
     def _go() -> dict:
@@ -131,10 +124,10 @@ def run(
         from iirp.runtime.register import read_inputs, register_files
 
         check_output_dir(out_dir, overwrite=overwrite, owned=REGISTRATION_OUTPUTS)
-        _check_options()
+        options, backend = _options()
         inputs = read_inputs(fixed, moving, moving_seg=moving_seg, options=options)  # before the model loads
-        return register_files(fixed, moving, _solver(), out_dir, moving_seg=moving_seg, options=options, qc=qc,
-                              overwrite=overwrite, inputs=inputs)
+        return register_files(fixed, moving, _solver(backend), out_dir, moving_seg=moving_seg, options=options,
+                              qc=qc, overwrite=overwrite, inputs=inputs)
 
     report = _guarded("iirp-run", verbose, _go)
     for text in report.get("warnings", []):
@@ -203,7 +196,7 @@ def backend_summary(report: dict) -> str:
     return head + (f"; {stages}" if stages else "") + load
 
 
-def _run_cohort(pairs_csv: Path, out: Path, check: Callable[[], None], make: Callable[[], object], options: object,
+def _run_cohort(pairs_csv: Path, out: Path, parse: Callable[[], tuple], make: Callable[[object], object],
                 qc: bool, overwrite: bool, verbose: bool) -> None:
     """Cohort mode: progress bar over pairs, a line per failed pair, exit 1 if any failed."""
     from rich.console import Console
@@ -215,11 +208,10 @@ def _run_cohort(pairs_csv: Path, out: Path, check: Callable[[], None], make: Cal
 
     def _prepare():  # type: ignore[no-untyped-def]
         check_output_dir(out, overwrite=overwrite, owned=cohort_entry, role="cohort output folder")
-        check()
-        return read_pairs(pairs_csv)
+        return parse(), read_pairs(pairs_csv)
 
-    pair_list = _guarded("iirp-run", verbose, _prepare)
-    solver = _guarded("iirp-run", verbose, make)
+    (options, backend), pair_list = _guarded("iirp-run", verbose, _prepare)
+    solver = _guarded("iirp-run", verbose, lambda: make(backend))
     err = Console(stderr=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, transient=False) as bar:
@@ -267,6 +259,10 @@ def export(
     verify_labels: Optional[tuple[Path, Path]] = typer.Option(
         None, "--verify-labels", help="FIXED_SEG MOVING_SEG label maps of the --verify-pair: Dice in the bf16 gate."
     ),
+    spacing: Optional[float] = typer.Option(
+        None, "--spacing", help="Model grid spacing (mm) the checkpoint was trained on, if it records none."),
+    intensity: Optional[str] = typer.Option(
+        None, "--intensity", help="Intensity rule it was trained with, if it records none (iirp-run's default)."),
     verbose: bool = typer.Option(False, "--verbose", help="Show tracebacks."),
 ) -> None:
     """Export CHECKPOINT to ONNX stages (and TensorRT engines) with a manifest, in folder OUT."""
@@ -280,6 +276,7 @@ def export(
             precision=precision, opset=opset, trt=trt, verify=verify,
             verify_pair=verify_pair if verify_pair and None not in verify_pair else None, progress=True,
             verify_labels=verify_labels if verify_labels and None not in verify_labels else None,
+            spacing=spacing, intensity=intensity,
         )
 
     manifest = _guarded("iirp-export", verbose, _go)
@@ -345,11 +342,13 @@ def bench_accuracy(
     pairs: Path = typer.Option(..., "--pairs", help="CSV: fixed, moving, fixed_seg, moving_seg[, labels, id]."),
     engines: Optional[Path] = typer.Option(None, "--engines", help="Folder written by iirp-export."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="RP-Net checkpoint (PyTorch reference)."),
-    engine: Optional[str] = typer.Option(None, "--engine", help="torch | ort | trt (default: ort / torch)."),
+    engine: Optional[str] = typer.Option(
+        None, "--engine", help="reference | torch | ort | openvino | trt (default: ort / reference)."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     methods: str = typer.Option("identity,rpnet,official", "--methods",
                                 help="Comma-separated: identity (affine only), rpnet, official, paper, fixed:a,b,c,d."),
-    intensity: str = typer.Option("minmax", "--intensity", help="minmax | percentile:LO,HI | window:LO,HI"),
+    intensity: Optional[str] = typer.Option(
+        None, "--intensity", help="minmax | percentile:LO,HI | window:LO,HI (default: the model's)."),
     affine: bool = typer.Option(False, "--affine", help="Rigid-then-affine pre-alignment first."),
     qc: bool = typer.Option(False, "--qc", help="Also write qc/<pair>_<method>.png."),
     out: Path = typer.Option(..., "-o", "--out", help="Report folder: accuracy.md, accuracy.json, accuracy_dice.png."),
@@ -365,7 +364,7 @@ def bench_accuracy(
     with status:
         payload = _guarded("iirp-bench", verbose, lambda: accuracy_benchmark(
             out, pairs, engines_dir=engines, checkpoint=checkpoint, engine=engine, device=device, methods=methods,
-            options=RegistrationOptions(intensity=intensity, affine=affine), qc=qc, on_step=step))
+            options=RegistrationOptions(intensity=intensity, affine=affine), qc=qc, on_step=step))  # parsed in guard
     for method, s in payload["summary"].items():
         typer.echo(f"{method:>12}: Dice {s['dice_mean']:.4f} ± {s['dice_std']:.4f}, HD95 {s['hd95_mm_mean']:.3f} mm, "
                    f"folding {100 * s['folding_fraction_mean']:.4f} %")

@@ -19,13 +19,15 @@ import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 from iirp.errors import IirpError
 from iirp.shapes import is_model_shape
 from iirp.typing import PathLike
 
 __all__ = [
+    "ContractError",
+    "ModelContract",
     "FORMAT_VERSION",
     "MANIFEST_NAME",
     "STAGES",
@@ -46,6 +48,62 @@ Dim = Union[int, str]
 
 class ManifestMismatchError(IirpError):
     """An engine folder does not match its manifest, the input, or this machine."""
+
+
+class ContractError(IirpError, ValueError):
+    """An option contradicts the model grid the model records (its spacing, orientation or intensity rule)."""
+
+
+@dataclass(frozen=True)
+class ModelContract:
+    """What a model expects of its input: the grid it was trained on and how intensities were scaled.
+
+    Read from an engine folder's manifest (``model_grid``, ``intensity``) or from a checkpoint's
+    record (:attr:`iirp.model.checkpoint.CheckpointInfo.spacing`...), and used by ``iirp-run``
+    to build the model grid (:func:`iirp.runtime.geometry.model_grid_for`).
+
+    Attributes:
+        size: model grid ``(X, Y, Z)`` in voxels.
+        spacing: model grid spacing in mm ``(x, y, z)``.
+        orientation: ``DICOMOrient`` code of the model grid (``RAS`` for every model so far).
+        intensity: the intensity rule the model was trained with: the default of ``--intensity``.
+        recorded: the spacing is the model's own (a manifest, or a checkpoint that records it); a
+            run-time spacing that differs then contradicts it. False for a checkpoint that records no
+            grid (the released one: 1 mm unless told otherwise).
+    """
+
+    size: tuple[int, int, int]
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    orientation: str = "RAS"
+    intensity: str = "minmax"
+    recorded: bool = True
+
+    def with_spacing(self, spacing: Optional[Sequence[float]], where: str = "--spacing") -> "ModelContract":
+        """This contract with a spacing asked for at run time.
+
+        Raises:
+            ContractError: the model records another spacing.
+        """
+        if spacing is None:
+            return self
+        asked = tuple(float(v) for v in spacing)
+        if len(asked) != 3 or not all(0 < v < float("inf") for v in asked):
+            raise ContractError(f"{where} must be 3 positive numbers (mm), got {spacing!r}")
+        if self.recorded and any(abs(a - b) > 1e-6 * max(1.0, b) for a, b in zip(asked, self.spacing)):
+            raise ContractError(
+                f"{where} {_mm(asked)} contradicts the model, which was trained on a {_mm(self.spacing)} grid "
+                "(recorded in its manifest or checkpoint); leave it out"
+            )
+        return ModelContract(self.size, asked, self.orientation, self.intensity, True)  # type: ignore[arg-type]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"size": list(self.size), "spacing": list(self.spacing), "orientation": self.orientation,
+                "intensity": self.intensity}
+
+
+def _mm(spacing: Sequence[float]) -> str:
+    values = {float(v) for v in spacing}
+    return f"{values.pop():g} mm" if len(values) == 1 else "x".join(f"{float(v):g}" for v in spacing) + " mm"
 
 
 def sha256_file(path: PathLike) -> str:
@@ -115,6 +173,8 @@ class StageSpec:
 
 
 _SYMBOL = re.compile(r"^[XYZ](/(1|2|4|8))?$")
+#: A ``DICOMOrient`` code: one of R/L, A/P, S/I each, in any order.
+_ORIENTATION = re.compile(r"^(?=.*[RL])(?=.*[AP])(?=.*[SI])[RLAPSI]{3}$")
 _FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _DTYPES = ("float32", "float16", "int32", "int64")
@@ -259,6 +319,17 @@ class Manifest:
         if not (isinstance(spacing, list) and len(spacing) == 3 and all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf") for v in spacing)):
             raise ManifestMismatchError(f"{path}: model_grid spacing must be 3 positive numbers (mm), got {spacing!r}")
+        orientation = self.model_grid.get("orientation", "RAS")
+        if not (isinstance(orientation, str) and _ORIENTATION.match(orientation)):
+            raise ManifestMismatchError(
+                f"{path}: model_grid orientation must be a code like 'RAS', got {orientation!r}"
+            )
+        from iirp.runtime.intensity import parse_intensity
+
+        try:
+            parse_intensity(self.intensity)
+        except IirpError as err:
+            raise ManifestMismatchError(f"{path}: 'intensity': {err}") from err
         if self.dynamic_range is not None:
             rng = self.dynamic_range
             if not all(isinstance(rng.get(k), list) and len(rng[k]) == 3 and all(
@@ -308,6 +379,30 @@ class Manifest:
     def size(self) -> tuple[int, int, int]:
         """Model grid ``(X, Y, Z)``."""
         return tuple(int(s) for s in self.model_grid["size"])  # type: ignore[return-value]
+
+    @property
+    def contract(self) -> ModelContract:
+        """The model grid and intensity rule this folder's model expects (:class:`ModelContract`)."""
+        spacing = tuple(float(v) for v in self.model_grid.get("spacing", (1.0, 1.0, 1.0)))
+        return ModelContract(self.size, spacing, str(self.model_grid.get("orientation", "RAS")),  # type: ignore[arg-type]
+                             self.intensity, True)
+
+    def source_checkpoint(self, checkpoint: Optional[PathLike] = None) -> Path:
+        """The checkpoint this folder was exported from (or ``checkpoint``), its sha256 checked.
+
+        Raises:
+            ManifestMismatchError: the checkpoint is missing or is not this folder's source.
+        """
+        named = os.fspath(checkpoint) if checkpoint is not None else self.source_path
+        path = Path(named or "")
+        if not named or not path.is_file():
+            raise ManifestMismatchError(
+                f"the source checkpoint {named!r} of these engines is missing (pass it with --checkpoint)"
+            )
+        if sha256_file(path) != self.source_sha256:
+            raise ManifestMismatchError(f"checkpoint {path} is not the one the engines were exported from "
+                                        "(sha256 differs)")
+        return path
 
     def check_input_shape(self, shape: tuple[int, ...]) -> None:
         """Check that a model-grid volume of ``shape`` (X, Y, Z) can run on these stages.

@@ -529,6 +529,28 @@ def _delta_abc(d: dict, work: Path) -> Case:
     return _option_case(d, "--delta", "abc", r"Invalid value for '--delta'.*(valid float|valid number).*\(see iirp-run --help\)")
 
 
+@case("spacing_not_positive")
+def _spacing_zero(d: dict, work: Path) -> Case:
+    return _option_case(d, "--spacing", "0", r"--spacing must be a positive number of mm, got \(0\.0, 0\.0, 0\.0\)")
+
+
+@case("spacing_contradicts_the_engines")
+def _spacing_contradicts(d: dict, work: Path) -> Case:
+    return Case("iirp-run", _run_engines(d, d["engines"]) + ["--spacing", "2"],
+                r"--spacing 2 mm contradicts the model, which was trained on a 1 mm grid")
+
+
+@case("export_spacing_not_positive")
+def _export_spacing(d: dict, work: Path) -> Case:
+    return Case("iirp-export", [str(d["ckpt"]), "-o", OUT, "--spacing", "-1"], r"'spacing' \(--spacing\) must be positive")
+
+
+@case("engine_device_mismatch")
+def _engine_device(d: dict, work: Path) -> Case:
+    return Case("iirp-run", _run_engines(d, d["engines"]) + ["--engine", "openvino", "--device", "cuda"],
+                r"engine 'openvino' runs on the CPU, not on cuda:0")
+
+
 @case("max_iters_zero")
 def _max_iters(d: dict, work: Path) -> Case:
     return _option_case(d, "--max-iters", "0", r"iterstop 'max_iters' must be an integer >= 1, got 0")

@@ -27,11 +27,12 @@ import SimpleITK as sitk
 
 from iirp.errors import IirpError
 from iirp.iterstop import IterStopRule, IterStopTrace, parse_iterstop
+from iirp.manifest import ModelContract
 from iirp.metrics import PairMetrics, pair_metrics, shared_labels
 from iirp.runtime.deformation import apply_field
 from iirp.runtime.geometry import array_from_image
 from iirp.runtime.imageio import read_image, read_labels
-from iirp.runtime.intensity import normalize, parse_intensity
+from iirp.runtime.intensity import normalize
 from iirp.runtime.pairs import ImagePair
 from iirp.runtime.register import Registration, RegistrationOptions, register_images
 from iirp.runtime.solvers import FlowSolver
@@ -51,8 +52,9 @@ class IdentitySolver:
     precision = "fp32"
     device = "cpu"
 
-    def __init__(self, model_size: tuple[int, int, int], source: str = "", source_sha256: str = "") -> None:
-        self.model_size = model_size
+    def __init__(self, contract: ModelContract, source: str = "", source_sha256: str = "") -> None:
+        self.contract = contract
+        self.model_size = contract.size
         self.source = source
         self.source_sha256 = source_sha256
 
@@ -129,8 +131,8 @@ def evaluate_pairs(
     Raises:
         IirpError: a pair cannot be read or registered (its id is in the message).
     """
-    rule = parse_intensity(options.intensity)
-    identity = IdentitySolver(solver.model_size, solver.source, solver.source_sha256)
+    rule = options.intensity_rule(solver.contract)
+    identity = IdentitySolver(solver.contract, solver.source, solver.source_sha256)
     results: list[MethodResult] = []
     for pair in pairs:
         if pair.fixed_seg is None or pair.moving_seg is None:

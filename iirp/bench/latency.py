@@ -15,7 +15,8 @@ the loop).
 
 Memory: on the CPU, the peak growth of the process's resident set during a
 run over its value just before (sampled every 5 ms from ``/proc/self/statm``);
-on CUDA, ``torch.cuda.max_memory_allocated`` during the run.
+on CUDA, ``torch.cuda.max_memory_allocated`` during the run (torch stages, the
+reference) plus what CuPy's memory pool holds after it (the pipeline's arrays).
 """
 
 from __future__ import annotations
@@ -146,20 +147,40 @@ class _RssSampler:
         self.peak = max(self.peak, self.rss())
 
 
+def _gpu_memory() -> tuple[Any, Any]:
+    """``(torch or None, CuPy's default memory pool or None)``: where a GPU run's arrays come from."""
+    try:
+        import torch
+
+        torch = torch if torch.cuda.is_available() else None
+    except ImportError:
+        torch = None
+    try:
+        import cupy
+
+        pool = cupy.get_default_memory_pool()
+    except ImportError:
+        pool = None
+    return torch, pool
+
+
 def _one_run(spec: EngineSpec, solver: Any, moving: np.ndarray, fixed: np.ndarray,
              rule: IterStopRule) -> tuple[float, dict[str, float], float, Any]:
-    torch = None
+    torch = pool = None
     if spec.cuda:
-        import torch  # the GPU solvers are torch-based
-
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        torch, pool = _gpu_memory()
+        if torch is not None:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        if pool is not None:
+            pool.free_all_blocks()
     with _RssSampler() as rss:
         t0 = time.perf_counter()
         trace = solver.solve(moving, fixed, rule)  # returns a host flow: synchronized
         elapsed = (time.perf_counter() - t0) * 1e3
-    if torch is not None:
-        memory = torch.cuda.max_memory_allocated() / 2**20
+    if spec.cuda:
+        torch_peak = torch.cuda.max_memory_allocated() if torch is not None else 0
+        memory = (torch_peak + (pool.total_bytes() if pool is not None else 0)) / 2**20
     else:
         memory = (rss.peak - rss.start) / 2**20
     stages = {k: float(v) for k, v in trace.timings_ms.items() if k in STAGES}

@@ -10,37 +10,17 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from iirp.devices import parse_device
 from iirp.errors import IirpError
 from iirp.typing import PathLike
 
-__all__ = ["BenchOptionError", "latency_benchmark", "accuracy_benchmark", "reference_checkpoint"]
-
-
-def reference_checkpoint(engines_dir: Path, checkpoint: Optional[PathLike]) -> Path:
-    """The checkpoint an export folder came from (or ``checkpoint``), its sha256 checked against the manifest.
-
-    Raises:
-        ManifestMismatchError: the checkpoint is missing or is not the folder's source.
-    """
-    from iirp.manifest import Manifest, ManifestMismatchError, sha256_file
-
-    manifest = Manifest.load(engines_dir)
-    path = Path(os.fspath(checkpoint)) if checkpoint is not None else Path(manifest.source_path or "")
-    if not path.is_file():
-        raise ManifestMismatchError(
-            f"the reference needs the checkpoint {engines_dir} was exported from ({manifest.source_path!r}), "
-            "which is missing: pass it with --checkpoint"
-        )
-    if sha256_file(path) != manifest.source_sha256:
-        raise ManifestMismatchError(
-            f"checkpoint {path} is not the one {engines_dir} was exported from (sha256 differs)"
-        )
-    return path
+__all__ = ["BenchOptionError", "latency_benchmark", "accuracy_benchmark"]
 
 
 class BenchOptionError(IirpError, ValueError):
@@ -48,7 +28,7 @@ class BenchOptionError(IirpError, ValueError):
 
 
 def _prepared_pair(pair: Optional[tuple[PathLike, PathLike]], shape: tuple[int, int, int],
-                   intensity: str) -> tuple[Any, Any, str]:
+                   intensity: Optional[str], contract: Any) -> tuple[Any, Any, str]:
     from iirp.runtime.imageio import read_image
     from iirp.runtime.register import RegistrationOptions, prepare_pair
 
@@ -58,7 +38,8 @@ def _prepared_pair(pair: Optional[tuple[PathLike, PathLike]], shape: tuple[int, 
     name = f"{fixed_path} <- {moving_path}"
     fixed = read_image(fixed_path, "fixed")
     moving = read_image(moving_path, "moving")
-    prepared = prepare_pair(fixed, moving, shape, RegistrationOptions(intensity=intensity),
+    prepared = prepare_pair(fixed, moving, replace(contract, size=tuple(shape)),
+                            RegistrationOptions(intensity=intensity),
                             names=(f"fixed image {fixed_path}", f"moving image {moving_path}"))
     return prepared.moving, prepared.fixed, name
 
@@ -151,7 +132,7 @@ def latency_benchmark(
     repeats: int = 3,
     warmup: int = 1,
     iterstop: str = "official",
-    intensity: str = "minmax",
+    intensity: Optional[str] = None,
     threads: Optional[int] = None,
     on_step: Optional[Callable[[str], None]] = None,
 ) -> dict[str, Any]:
@@ -183,7 +164,7 @@ def latency_benchmark(
     from iirp.manifest import Manifest
     from iirp.runtime.engines.options import BackendOptions
     from iirp.runtime.imageio import check_output_dir
-    from iirp.runtime.solvers import TorchSolver, make_solver
+    from iirp.runtime.solvers import ReferenceSolver, make_solver
 
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise BenchOptionError(f"latency_benchmark() 'repeats' (--repeats) must be an integer >= 1, got {repeats!r}")
@@ -197,26 +178,28 @@ def latency_benchmark(
     grid = tuple(shape) if shape is not None else manifest.size
     manifest.check_input_shape(grid)
     rows = _engine_rows(engines)
-    ckpt = reference_checkpoint(folder, checkpoint)
+    ckpt = manifest.source_checkpoint(checkpoint)
     env = environment()
-    moving, fixed, pair_name = _prepared_pair(pair, grid, intensity)  # type: ignore[arg-type]
+    moving, fixed, pair_name = _prepared_pair(pair, grid, intensity, manifest.contract)  # type: ignore[arg-type]
 
-    specs = [EngineSpec("reference", lambda: TorchSolver(ckpt, device, base), baseline=True,
-                        cuda=device.startswith("cuda"))]
+    specs = [EngineSpec("reference", lambda: ReferenceSolver(ckpt, device, base, contract=manifest.contract),
+                        baseline=True,
+                        cuda=parse_device(device).is_cuda)]
     for name, precision in rows:
         options = BackendOptions(precision=precision or "auto", threads=threads)
         specs.append(EngineSpec(f"{name}-{precision or manifest.precision}",
-                                _maker(make_solver, name, folder, device, options), cuda=device.startswith("cuda")))
+                                _maker(make_solver, name, folder, device, options), cuda=parse_device(device).is_cuda))
     results = measure_latency(specs, moving, fixed, rule, repeats=repeats, warmup=warmup, on_step=on_step)
     reference = next(r for r in results if r.baseline)
     payload = {
         "config": {"engines_dir": str(folder), "checkpoint": str(ckpt), "device": device, "shape": list(grid),
                    "pair": pair_name, "iterstop": rule.name, "repeats": repeats, "warmup": warmup,
-                   "intensity": intensity, "threads": threads, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")},
+                   "intensity": intensity or manifest.contract.intensity, "threads": threads,
+                   "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")},
         "environment": env,
         "stage_order": list(STAGES),
         "memory_note": ("CUDA: torch.cuda.max_memory_allocated during a run (torch allocations only)."
-                        if device.startswith("cuda") else
+                        if parse_device(device).is_cuda else
                         "peak growth of the process's resident set during a run (sampled every 5 ms)."),
         "engines": [r.summary(reference) for r in results],
     }
@@ -257,13 +240,13 @@ def accuracy_benchmark(
     from iirp.runtime.imageio import check_output_dir
     from iirp.runtime.pairs import read_pairs
     from iirp.runtime.register import Registration, RegistrationOptions
-    from iirp.runtime.solvers import make_solver
+    from iirp.runtime.solvers import default_engine, make_solver
 
     options = options or RegistrationOptions()
     out_path = check_output_dir(out)
     method_list = parse_methods(methods)
     pairs = read_pairs(pairs_csv, need_segs=True)
-    solver = make_solver(engine or ("ort" if engines_dir is not None else "torch"), checkpoint=checkpoint,
+    solver = make_solver(engine or default_engine(checkpoint, engines_dir), checkpoint=checkpoint,
                          engines=engines_dir, device=device)
     qc_dir = out_path / "qc"
 
@@ -279,7 +262,7 @@ def accuracy_benchmark(
     payload = {
         "config": {"source": solver.source, "source_sha256": solver.source_sha256, "engine": solver.engine,
                    "precision": getattr(solver, "precision", "fp32"), "device": solver.device,
-                   "intensity": options.intensity,
+                   "intensity": options.intensity_rule(solver.contract).spec,
                    "pre_alignment": "affine" if options.affine else (
                        "initial_transform" if options.initial_transform else None),
                    "pairs_csv": str(pairs_csv), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")},

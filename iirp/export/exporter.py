@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 import iirp
 from iirp.atomic import replace_folder
@@ -28,7 +28,7 @@ from iirp.errors import OutputError
 from iirp.export.errors import ExportError, ExportOptionError
 from iirp.export.progress import Steps
 from iirp.export.stages import StageIO, example_inputs, stage_io, stage_module
-from iirp.manifest import MANIFEST_NAME, STAGES, Manifest, StageSpec, sha256_file
+from iirp.manifest import MANIFEST_NAME, STAGES, Manifest, ModelContract, StageSpec, sha256_file
 from iirp.shapes import check_fits_in_memory, check_model_shape
 from iirp.typing import PathLike
 
@@ -106,8 +106,8 @@ def _check_options(precision: str, opset: int, exporter: str) -> None:
         raise ExportOptionError(f"export_checkpoint() 'exporter' must be one of {EXPORT_METHODS}, got {exporter!r}")
 
 
-def _read_pair(pair: Sequence[PathLike], size: tuple[int, int, int]) -> "tuple[np.ndarray, np.ndarray]":
-    """The verify pair as ``(fixed, moving)`` ``(X, Y, Z)`` float32 model-grid arrays (minmax intensity)."""
+def _read_pair(pair: Sequence[PathLike], contract: ModelContract) -> "tuple[np.ndarray, np.ndarray]":
+    """The verify pair as ``(fixed, moving)`` ``(X, Y, Z)`` float32 arrays on the model's grid (its intensity rule)."""
     from iirp.runtime.imageio import read_image
     from iirp.runtime.register import RegistrationOptions, prepare_pair
 
@@ -115,8 +115,36 @@ def _read_pair(pair: Sequence[PathLike], size: tuple[int, int, int]) -> "tuple[n
         raise ExportOptionError(f"export_checkpoint() 'verify_pair' must be (FIXED, MOVING), got {pair!r}")
     fixed = read_image(pair[0], "fixed")
     moving = read_image(pair[1], "moving")
-    prepared = prepare_pair(fixed, moving, size, RegistrationOptions())
+    prepared = prepare_pair(fixed, moving, contract, RegistrationOptions())
     return prepared.fixed, prepared.moving
+
+
+def model_contract(info: "CheckpointInfo", size: tuple[int, int, int], spacing: Optional[Sequence[float]],
+                   intensity: Optional[str]) -> ModelContract:
+    """The model grid an export records: the checkpoint's record, else the options, else 1 mm, RAS, minmax.
+
+    Raises:
+        ExportOptionError: an option contradicts what the checkpoint records.
+    """
+    from iirp.runtime.intensity import parse_intensity
+
+    asked = None
+    if spacing is not None:
+        asked = tuple(float(v) for v in (spacing if isinstance(spacing, (list, tuple)) else (spacing,) * 3))
+        if len(asked) != 3 or not all(0 < v < float("inf") for v in asked):
+            raise ExportOptionError(f"export_checkpoint() 'spacing' (--spacing) must be positive mm, got {spacing!r}")
+    if asked is not None and info.spacing is not None and any(
+            abs(a - b) > 1e-6 * max(1.0, b) for a, b in zip(asked, info.spacing)):
+        raise ExportOptionError(
+            f"--spacing {' '.join(f'{v:g}' for v in asked)} contradicts checkpoint {info.path}, which records a "
+            f"{' x '.join(f'{v:g}' for v in info.spacing)} mm model grid"
+        )
+    rule = parse_intensity(intensity).spec if intensity is not None else None
+    if rule is not None and info.intensity is not None and rule != info.intensity:
+        raise ExportOptionError(f"--intensity {rule} contradicts checkpoint {info.path}, which was trained with "
+                                f"{info.intensity}")
+    return ModelContract(size, asked or info.spacing or (1.0, 1.0, 1.0),  # type: ignore[arg-type]
+                         info.orientation or "RAS", rule or info.intensity or "minmax")
 
 
 def _check_labels(labels: Sequence[PathLike], pair: Optional[Sequence[PathLike]]) -> None:
@@ -247,7 +275,7 @@ def _versions(method_info: dict[str, str]) -> dict[str, str]:
 
 
 def _manifest(
-    info: "CheckpointInfo", net: "RPNet", shape: tuple[int, int, int], stages: dict[str, StageSpec], *,
+    info: "CheckpointInfo", net: "RPNet", contract: ModelContract, stages: dict[str, StageSpec], *,
     precision: str, opset: int, dynamic_range: Optional[dict[str, list[int]]], exporter: dict[str, str],
 ) -> Manifest:
     from iirp.model.rpnet import level_channels
@@ -265,7 +293,9 @@ def _manifest(
             "n_parameters": info.n_parameters,
             "checkpoint_format": info.format,
         },
-        model_grid={"size": list(shape), "spacing": [1.0, 1.0, 1.0], "orientation": "RAS"},
+        model_grid={"size": list(contract.size), "spacing": list(contract.spacing),
+                    "orientation": contract.orientation},
+        intensity=contract.intensity,
         precision=precision,
         opset=opset,
         dynamic=dynamic_range is not None,
@@ -293,6 +323,8 @@ def export_checkpoint(
     progress: bool = True,
     exporter: str = "auto",
     verify_labels: Optional[Sequence[PathLike]] = None,
+    spacing: Optional[Union[float, Sequence[float]]] = None,
+    intensity: Optional[str] = None,
 ) -> Manifest:
     """Export an RP-Net checkpoint to an engine folder.
 
@@ -317,6 +349,13 @@ def export_checkpoint(
         verify_labels: ``(FIXED_SEG, MOVING_SEG)`` label maps of ``verify_pair``: the gate's Dice.
         progress: show progress and the verification table on the terminal (rich).
         exporter: ``auto`` (dynamo, else torchscript), ``dynamo`` or ``torchscript``.
+        spacing: the model grid spacing in mm (one number, or x y z) for a checkpoint that records
+            none; it must match one that does. Default: the checkpoint's record, else 1 mm.
+        intensity: the intensity rule the model was trained with (the default of ``iirp-run
+            --intensity``), for a checkpoint that records none; it must match one that does.
+
+    The model contract (grid size, spacing, orientation, intensity rule; :class:`~iirp.manifest.ModelContract`)
+    goes into the manifest's ``model_grid`` and ``intensity``, which ``iirp-run`` reads.
 
     Returns:
         The manifest written to ``out_dir/manifest.json``.
@@ -344,7 +383,8 @@ def export_checkpoint(
 
     net, info = load_checkpoint(checkpoint, size=dims)
     size: tuple[int, int, int] = tuple(int(s) for s in info.size)  # type: ignore[assignment]
-    pair = _read_pair(verify_pair, size) if verify_pair is not None else None
+    contract = model_contract(info, size, spacing, intensity)
+    pair = _read_pair(verify_pair, contract) if verify_pair is not None else None
     if verify_labels is not None:
         _check_labels(verify_labels, verify_pair)
     dynamic_range = None
@@ -364,7 +404,7 @@ def export_checkpoint(
         )
         with steps.step(f"write {precision} files and manifest"):
             stages = _finalize(folder, io, precision=precision, opset=opset, source_sha256=info.sha256)
-            manifest = _manifest(info, net, size, stages, precision=precision, opset=opset,
+            manifest = _manifest(info, net, contract, stages, precision=precision, opset=opset,
                                  dynamic_range=dynamic_range, exporter=_versions(method))
             manifest.save(folder)
         if verify:

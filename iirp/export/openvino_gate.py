@@ -181,7 +181,7 @@ def _run_gate(folder: Path, record: dict[str, Any], pair: Sequence[PathLike],
         options = BackendOptions(precision=precision, stages={stage: "openvino" for stage in STAGES})
         solver = EngineSolver(folder, "openvino", "cpu", options)
         if prepared is None:
-            prepared = prepare_pair(fixed, moving, solver.model_size, RegistrationOptions())
+            prepared = prepare_pair(fixed, moving, solver.contract, RegistrationOptions())
         try:
             trace = solver.solve(prepared.moving, prepared.fixed, rule)
         finally:

@@ -65,14 +65,13 @@ def profile_shapes(spec: TensorSpec, manifest: Manifest) -> tuple[tuple[int, ...
 
 
 def _gpu() -> tuple[str, str]:
-    """GPU name and compute capability ``"major.minor"`` of device 0 (torch, else nvidia-smi)."""
-    try:
-        import torch
+    """GPU name and compute capability ``"major.minor"`` of device 0 (cuda.core, else nvidia-smi)."""
+    from iirp.kernels.cuda_build import CudaUnavailableError, gpu_identity
 
-        if torch.cuda.is_available():
-            major, minor = torch.cuda.get_device_capability(0)
-            return torch.cuda.get_device_name(0), f"{major}.{minor}"
-    except Exception:  # a CPU-only torch, or a CUDA init failure: try the driver's tool
+    try:
+        identity = gpu_identity(0)
+        return identity["gpu_name"], identity["compute_capability"]
+    except CudaUnavailableError:  # no cuda.core here: ask the driver's tool
         pass
     smi = shutil.which("nvidia-smi")
     if smi:

@@ -56,6 +56,7 @@ __all__ = [
     "compile_source",
     "nvrtc_version",
     "device_arch",
+    "gpu_identity",
     "peak_memory_bandwidth",
     "use_device",
     "get_kernels",
@@ -370,6 +371,22 @@ def device_arch(device_id: int) -> str:
     """Cubin target of CUDA device ``device_id``, e.g. ``"sm_90"`` for compute capability 9.0."""
     cc = _core().Device(int(device_id)).compute_capability
     return f"sm_{cc.major}{cc.minor}"
+
+
+def gpu_identity(device_id: int) -> dict[str, str]:
+    """``{"gpu_name", "compute_capability"}`` (``"9.0"``) of CUDA device ``device_id`` (what a TensorRT engine is for).
+
+    Raises:
+        CudaUnavailableError: no cuda.core, no driver or no such device.
+    """
+    try:
+        device = _core().Device(int(device_id))
+        cc = device.compute_capability
+        return {"gpu_name": str(device.name), "compute_capability": f"{cc.major}.{cc.minor}"}
+    except CudaUnavailableError:
+        raise
+    except Exception as err:  # noqa: BLE001 - no driver / no such device
+        raise CudaUnavailableError(f"CUDA device {device_id} is not available: {err}") from err
 
 
 def peak_memory_bandwidth(device_id: int) -> float:

@@ -103,7 +103,7 @@ def _read(path: Path) -> object:
 
 #: The model-grid record a checkpoint may carry (see the module docstring).
 RECORD_KEY = "iirp"
-_ORIENTATION = re.compile(r"^[RL][AP][SI]$|^[RL][SI][AP]$|^[AP][RL][SI]$|^[AP][SI][RL]$|^[SI][RL][AP]$|^[SI][AP][RL]$")
+_ORIENTATION = re.compile(r"^(?=.*[RL])(?=.*[AP])(?=.*[SI])[RLAPSI]{3}$")  # a DICOMOrient code
 
 
 def _record(raw: object, path: Path) -> dict[str, Any]:

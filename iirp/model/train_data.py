@@ -103,7 +103,7 @@ def list_volumes(data: PathLike) -> list[Path]:
 def _options(shape: Sequence[int], spacing: float, intensity: str) -> Any:
     from iirp.runtime.register import RegistrationOptions
 
-    return RegistrationOptions(intensity=intensity, model_spacing=(float(spacing),) * 3)
+    return RegistrationOptions(intensity=intensity, spacing=(float(spacing),) * 3)
 
 
 def load_volume(path: PathLike, shape: Sequence[int], spacing: float = 1.0, intensity: str = "minmax") -> np.ndarray:

@@ -220,12 +220,14 @@ def _check_device(device: str) -> None:
     Raises:
         TrainingError: a malformed device, or a CUDA device torch does not see.
     """
-    if not (device == "cpu" or device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
-        raise TrainingError(f"--device must be 'cpu' or 'cuda[:N]', got {device!r}")
-    if device != "cpu":
-        index = int(device[5:] or 0) if device.startswith("cuda:") else 0
-        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
-            raise TrainingError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+    from iirp.devices import DeviceError, parse_device
+
+    try:
+        dev = parse_device(device, "--device")
+    except DeviceError as err:
+        raise TrainingError(str(err)) from err
+    if dev.is_cuda and (not torch.cuda.is_available() or dev.index >= torch.cuda.device_count()):
+        raise TrainingError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA device(s)")
 
 
 def _build_net(cfg: TrainConfig) -> tuple[RPNet, tuple[int, int, int], Optional[list[str]]]:

@@ -2,7 +2,7 @@
 
 The SimpleITK-dependent names (geometry, ``prepare_pair``, ``register_files``...)
 are imported on first access (PEP 562), so ``import iirp.runtime.pipeline`` and
-``import iirp.runtime.gpu_pipeline`` work on a machine without SimpleITK.
+``import iirp.runtime.placement`` work on a machine without SimpleITK (the GPU image).
 """
 
 from __future__ import annotations
@@ -21,17 +21,19 @@ _LAZY = {
     "register_images": "iirp.runtime.register",
     "write_registration": "iirp.runtime.register",
     "Registration": "iirp.runtime.register",
-    "SOLVERS": "iirp.runtime.solvers",
+    "ENGINES": "iirp.runtime.solvers",
     "FlowSolver": "iirp.runtime.solvers",
+    "ReferenceSolver": "iirp.runtime.solvers",
     "TorchSolver": "iirp.runtime.solvers",
     "make_solver": "iirp.runtime.solvers",
-    "CudaSolver": "iirp.runtime.gpu_pipeline",
+    "EngineSolver": "iirp.runtime.pipeline",
+    "make_placement": "iirp.runtime.placement",
 }
 
 __all__ = [
     "MODEL_ORIENTATION", "ModelGrid", "PreparedPair", "RegistrationOptions", "prepare_pair",
     "register_files", "register_images", "write_registration", "Registration",
-    "SOLVERS", "FlowSolver", "TorchSolver", "make_solver", "CudaSolver",
+    "ENGINES", "FlowSolver", "ReferenceSolver", "TorchSolver", "make_solver", "EngineSolver", "make_placement",
 ]
 
 

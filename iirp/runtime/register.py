@@ -19,7 +19,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -27,12 +27,13 @@ import SimpleITK as sitk
 import iirp
 from iirp.atomic import check_free_space
 from iirp.errors import OutputError, RegistrationError
-from iirp.iterstop import DEFAULT_DELTA, DEFAULT_MAX_ITERS, parse_iterstop
+from iirp.iterstop import DEFAULT_DELTA, DEFAULT_MAX_ITERS, IterStopRule, parse_iterstop
+from iirp.manifest import ContractError, ModelContract
 from iirp.runtime.affine import read_transform, register_affine
 from iirp.runtime.deformation import apply_field, displacement_field, folding_fraction
 from iirp.runtime.geometry import ModelGrid, array_from_image, model_grid_for, orient, same_grid
 from iirp.runtime.imageio import REGISTRATION_OUTPUTS, AtomicOutputDir, check_output_dir, read_image, read_labels
-from iirp.runtime.intensity import normalize, parse_intensity
+from iirp.runtime.intensity import IntensityRule, normalize, parse_intensity
 from iirp.runtime.solvers import FlowSolver
 from iirp.typing import PathLike
 
@@ -44,25 +45,57 @@ __all__ = [
 
 @dataclass(frozen=True)
 class RegistrationOptions:
-    """User choices for one registration.
+    """User choices for one registration, parsed once, when the object is built.
 
     Attributes:
-        iterstop: ``official | paper | rpnet | fixed:a,b,c,d``.
-        delta: IterStop threshold.
-        max_iters: maximum passes per level.
-        intensity: ``minmax | percentile:LO,HI | window:LO,HI``.
+        iterstop: the IterStop rule: an :class:`~iirp.iterstop.IterStopRule`, or its spec
+            (``official | paper | rpnet | fixed:a,b,c,d``), parsed with ``delta`` and ``max_iters``.
+            Always an ``IterStopRule`` once built.
+        delta: IterStop threshold (used when ``iterstop`` is a spec).
+        max_iters: maximum passes per level (used when ``iterstop`` is a spec).
+        intensity: an :class:`~iirp.runtime.intensity.IntensityRule` or its spec
+            (``minmax | percentile:LO,HI | window:LO,HI``); None uses the model's own rule
+            (:attr:`~iirp.manifest.ModelContract.intensity`).
         affine: run rigid-then-affine pre-alignment.
         initial_transform: ITK transform file (fixed -> moving) used instead of ``affine``.
-        model_spacing: model grid spacing in mm.
+        spacing: model grid spacing in mm ``(x, y, z)`` for a model that records none; None uses the
+            model's. A spacing that contradicts the model's record is an error
+            (:meth:`~iirp.manifest.ModelContract.with_spacing`).
+
+    Raises:
+        IterStopSpecError, IntensitySpecError, ContractError: a malformed spec or spacing (on construction).
     """
 
-    iterstop: str = "official"
+    iterstop: Union[str, IterStopRule] = "official"
     delta: float = DEFAULT_DELTA
     max_iters: int = DEFAULT_MAX_ITERS
-    intensity: str = "minmax"
+    intensity: Union[str, IntensityRule, None] = None
     affine: bool = False
     initial_transform: Optional[PathLike] = None
-    model_spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    spacing: Optional[tuple[float, float, float]] = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.iterstop, IterStopRule):
+            object.__setattr__(self, "iterstop", parse_iterstop(str(self.iterstop), self.delta, self.max_iters))
+        if self.intensity is not None and not isinstance(self.intensity, IntensityRule):
+            object.__setattr__(self, "intensity", parse_intensity(str(self.intensity)))
+        if self.spacing is not None:
+            spacing = tuple(float(v) for v in self.spacing)
+            if len(spacing) != 3 or not all(0 < v < float("inf") for v in spacing):
+                raise ContractError(f"--spacing must be a positive number of mm, got {self.spacing!r}")
+            object.__setattr__(self, "spacing", spacing)
+
+    @property
+    def rule(self) -> IterStopRule:
+        """The IterStop rule (typed)."""
+        assert isinstance(self.iterstop, IterStopRule)
+        return self.iterstop
+
+    def intensity_rule(self, contract: ModelContract) -> IntensityRule:
+        """The intensity rule of this run: the option, else the model's."""
+        if isinstance(self.intensity, IntensityRule):
+            return self.intensity
+        return parse_intensity(contract.intensity)
 
 
 @dataclass
@@ -74,6 +107,7 @@ class PreparedPair:
         grid: the model grid.
         voxel_for_voxel: the fixed image was used without resampling.
         pre_alignment: fixed -> moving transform the moving image was resampled with, or None.
+        intensity: the intensity rule used (its spec).
         warnings: what the preparation found questionable but not fatal (a small overlap).
     """
 
@@ -82,6 +116,7 @@ class PreparedPair:
     grid: ModelGrid
     voxel_for_voxel: bool
     pre_alignment: Optional[sitk.Transform]
+    intensity: str = "minmax"
     warnings: list[str] = dataclasses.field(default_factory=list)
 
 
@@ -97,7 +132,7 @@ def _on_grid(image: sitk.Image, grid: ModelGrid, transform: Optional[sitk.Transf
 def prepare_pair(
     fixed: sitk.Image,
     moving: sitk.Image,
-    model_size: tuple[int, int, int],
+    model: Union[ModelContract, tuple[int, int, int]],
     options: RegistrationOptions,
     timings_ms: Optional[dict[str, float]] = None,
     names: tuple[str, str] = ("fixed image", "moving image"),
@@ -106,19 +141,23 @@ def prepare_pair(
     """Steps 2-5a above for two float32 images as read.
 
     Args:
+        model: the model's :class:`~iirp.manifest.ModelContract` (a solver's ``contract``), or just its grid
+            size ``(X, Y, Z)`` for a 1 mm RAS minmax model.
         names: how error messages name the two images.
         initial: an already read ``options.initial_transform`` (read here when None).
 
     Raises:
-        ImageError / IntensitySpecError / TransformError: see the helpers.
+        ImageError / TransformError / RegistrationError / ContractError: see the helpers.
     """
+    contract = model if isinstance(model, ModelContract) else ModelContract(tuple(model), recorded=False)  # type: ignore[arg-type]
+    contract = contract.with_spacing(options.spacing)
     timings = timings_ms if timings_ms is not None else {}
     t0 = time.perf_counter()
-    rule = parse_intensity(options.intensity)
+    rule = options.intensity_rule(contract)
     fixed_n = normalize(fixed, rule, names[0])
     moving_n = normalize(moving, rule, names[1])
-    fixed_o, moving_o = orient(fixed_n), orient(moving_n)
-    grid, voxel_for_voxel = model_grid_for(fixed_o, model_size, options.model_spacing)
+    fixed_o, moving_o = orient(fixed_n, contract.orientation), orient(moving_n, contract.orientation)
+    grid, voxel_for_voxel = model_grid_for(fixed_o, contract.size, contract.spacing, contract.orientation)
     t1 = time.perf_counter()
 
     pre_alignment: Optional[sitk.Transform] = None
@@ -137,7 +176,7 @@ def prepare_pair(
     timings["preprocess"] = (t1 - t0 + t3 - t2) * 1e3
     if pre_alignment is not None:
         timings["affine"] = (t2 - t1) * 1e3
-    pair = PreparedPair(fixed_array, moving_array, grid, voxel_for_voxel, pre_alignment)
+    pair = PreparedPair(fixed_array, moving_array, grid, voxel_for_voxel, pre_alignment, intensity=rule.spec)
     pair.warnings.extend(_overlap(pair, names))
     return pair
 
@@ -222,10 +261,10 @@ def register_images(
         IirpError subclasses: see :func:`prepare_pair` and the solver.
     """
     timings = timings_ms if timings_ms is not None else {}
-    rule = parse_iterstop(options.iterstop, options.delta, options.max_iters)
+    rule = options.rule
     if moving_seg is not None:
         _check_labels_overlap(moving_seg, moving, names[1])
-    pair = prepare_pair(fixed, moving, solver.model_size, options, timings, names=names, initial=initial)
+    pair = prepare_pair(fixed, moving, solver.contract, options, timings, names=names, initial=initial)
     warnings = list(pair.warnings)
     trace = solver.solve(pair.moving, pair.fixed, rule)
     timings.update(trace.timings_ms)
@@ -259,7 +298,7 @@ def register_images(
         "estimator_passes": trace.estimator_passes,
         "scores": trace.scores,
         "folding_fraction": folding_fraction(field),
-        "intensity": options.intensity,
+        "intensity": pair.intensity,
         "pre_alignment": (
             "initial_transform" if options.initial_transform is not None else "affine" if options.affine else None
         ),
@@ -405,8 +444,6 @@ def register_files(
     """
     t_start = time.perf_counter()
     check_output_dir(out_dir, overwrite=overwrite, owned=REGISTRATION_OUTPUTS)
-    parse_iterstop(options.iterstop, options.delta, options.max_iters)
-    parse_intensity(options.intensity)
     if inputs is None:
         inputs = read_inputs(fixed_path, moving_path, moving_seg=moving_seg, options=options)
     check_free_space(out_dir, output_bytes(inputs.fixed, inputs.moving_seg))

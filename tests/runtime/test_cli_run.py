@@ -97,7 +97,7 @@ def test_no_partial_folder_left(run: str, request: pytest.FixtureRequest) -> Non
 def _check_report(report: dict, data: dict, iterstop: str) -> None:
     assert REPORT_KEYS <= report.keys(), REPORT_KEYS - report.keys()
     assert report["iirp_version"] == iirp.__version__
-    assert report["engine"] == "torch"
+    assert report["engine"] == "reference"
     assert report["device"] == "cpu"
     assert report["iterstop"] == iterstop
     assert report["delta"] == DEFAULT_DELTA
@@ -217,7 +217,7 @@ def test_warped_matches_model_grid_warp(rpnet_run, data: dict) -> None:  # type:
     out, _ = rpnet_run
     fixed = read_image(data["fixed"], "fixed")
     moving = read_image(data["moving"], "moving")
-    solver = make_solver("torch", checkpoint=data["ckpt"], device="cpu")
+    solver = make_solver("reference", checkpoint=data["ckpt"], device="cpu")
     pair = prepare_pair(fixed, moving, solver.model_size, RegistrationOptions(iterstop="rpnet"))
     assert pair.voxel_for_voxel
     flow = solver.solve(pair.moving, pair.fixed, parse_iterstop("rpnet")).flow

@@ -165,8 +165,10 @@ def test_select_precision_rules() -> None:
     assert "failed" in str(select_precision("bf16", bf16_native=True, gate=failed).note)
     with pytest.raises(OpenVinoPrecisionError, match=r"--precision bf16 needs a CPU that computes bf16 natively"):
         select_precision("bf16", bf16_native=False, gate=passed)
-    with pytest.raises(BackendOptionError, match=r"'precision' \(--precision\) must be one of auto, fp32, bf16"):
+    with pytest.raises(OpenVinoPrecisionError, match=r"engine 'openvino' computes fp32 or bf16, not fp16"):
         select_precision("fp16", bf16_native=True, gate=None)
+    with pytest.raises(BackendOptionError, match=r"'precision' \(--precision\) must be one of auto, fp32, bf16, fp16"):
+        select_precision("fp64", bf16_native=True, gate=None)
 
 
 def _run(data: dict, engines: Path, out: Path, *extra: str):  # type: ignore[no-untyped-def]
@@ -227,7 +229,7 @@ def _one_line_error(result, out: Path) -> str:  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize(("extra", "needle"), [
     (["--threads", "0"], "'threads' (--threads) must be an integer >= 1, got 0"),
     (["--threads", "-2", "--engine", "openvino"], "must be an integer >= 1, got -2"),
-    (["--precision", "fp64"], "'precision' (--precision) must be one of auto, fp32, bf16, got 'fp64'"),
+    (["--precision", "fp64"], "'precision' (--precision) must be one of auto, fp32, bf16, fp16, got 'fp64'"),
     (["--precision", "bf16"], "--precision bf16 needs --engine openvino, got engine 'ort'"),
     (["--engine", "openvino", "--precision", "bf16"], "--precision bf16 needs a CPU that computes bf16 natively"),
     (["--engine", "openvino", "--device", "cuda"], "engine 'openvino' runs on the CPU"),

@@ -149,6 +149,8 @@ def select_precision(requested: str, *, bf16_native: bool, gate: Optional[dict[s
         BackendOptionError: ``requested`` is not a precision.
     """
     requested = BackendOptions(precision=requested).precision
+    if requested not in ("auto", "fp32", "bf16"):
+        raise OpenVinoPrecisionError(f"engine 'openvino' computes fp32 or bf16, not {requested}")
     status, reason = bf16_gate_status(gate)
     if requested == "fp32":
         return PrecisionChoice("fp32")
@@ -365,7 +367,7 @@ class OpenVinoStage(Backend):
         from iirp.runtime.engines.ort import OrtBackend
 
         cls = OpenVinoBackend if backend == "openvino" else OrtBackend
-        return cls(self.name, self.manifest, self.folder, self.device, self.options)
+        return cls(self.name, self.manifest, self.folder, self.placement, self.options)
 
     def _chosen(self) -> tuple[Backend, dict[str, Any]]:
         """The cached choice for this stage on this machine, or a new measurement (then cached)."""

@@ -25,8 +25,9 @@ __all__ = [
     "usable_cores",
 ]
 
-#: ``--precision`` values: ``auto`` lets the engine choose (see :mod:`iirp.runtime.engines.openvino`).
-PRECISIONS = ("auto", "fp32", "bf16")
+#: ``--precision`` values: ``auto`` lets the engine choose (see :mod:`iirp.runtime.engines.openvino`);
+#: ``bf16`` is OpenVINO's, ``fp16`` the torch engine's on CUDA when it runs straight from a checkpoint.
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 #: Backends the ``openvino`` engine may run a stage on.
 STAGE_BACKENDS = ("openvino", "ort")
 

@@ -1,23 +1,60 @@
-"""onnxruntime backend: CPU provider, or the CUDA provider with I/O binding where onnxruntime-gpu is installed.
+"""onnxruntime backend: the CPU provider on host arrays, or the CUDA provider on device arrays.
 
-The CUDA path is written against onnxruntime's documented I/O binding API
-but is unverified here (no GPU build of onnxruntime on the CPU machines).
+CUDA (``onnxruntime-gpu``): inputs and outputs are bound to device memory with I/O binding
+(``bind_input`` / ``bind_output`` with the arrays' own pointers, no copies), the outputs
+preallocated once per shape on the placement and reused (:attr:`OrtBackend.reuses_outputs`),
+and the CUDA provider runs on the placement's stream (``user_compute_stream``).
+UNVERIFIED: written against onnxruntime's documented I/O binding API; no GPU build of
+onnxruntime runs on the machines this was written on.
+
+``onnxruntime`` and ``onnxruntime-gpu`` install the same Python package: with both installed
+each breaks the other, so that is one clear error (:func:`check_one_onnxruntime`).
 """
 
 from __future__ import annotations
+
+import importlib.metadata
+from typing import Any
 
 import numpy as np
 
 from iirp.errors import IirpError
 from iirp.manifest import ManifestMismatchError, TensorSpec
-from iirp.runtime.engines.base import Backend, register_backend
+from iirp.runtime.engines.base import Backend, output_shapes, register_backend
+from iirp.runtime.placement import array_pointer
 
-__all__ = ["OrtBackend"]
+__all__ = ["OrtBackend", "check_one_onnxruntime"]
+
+
+def check_one_onnxruntime() -> None:
+    """Refuse an environment with both ``onnxruntime`` and ``onnxruntime-gpu`` installed.
+
+    Raises:
+        IirpError: both distributions are installed.
+    """
+    installed = []
+    for dist in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            importlib.metadata.version(dist)
+            installed.append(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    if len(installed) == 2:
+        raise IirpError(
+            "both onnxruntime and onnxruntime-gpu are installed; they share one Python package and break each "
+            "other: pip uninstall -y onnxruntime onnxruntime-gpu, then install one of them (README, GPU install)"
+        )
 
 
 @register_backend("ort")
 class OrtBackend(Backend):
-    """One ONNX stage in an ``onnxruntime.InferenceSession``."""
+    """One ONNX stage in an ``onnxruntime.InferenceSession`` (CPU provider, or CUDA with I/O binding)."""
+
+    device_kinds = ("cpu", "cuda")
+
+    @property
+    def reuses_outputs(self) -> bool:  # type: ignore[override]
+        return not self.placement.is_host
 
     def _activate(self) -> None:
         try:
@@ -29,13 +66,17 @@ class OrtBackend(Backend):
         options.log_severity_level = 3
         if self.options.threads is not None:
             options.intra_op_num_threads = self.options.threads
-        if self.device.startswith("cuda"):
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise IirpError("device 'cuda' with engine 'ort' needs onnxruntime-gpu (CUDAExecutionProvider)")
-            device_id = int(self.device.partition(":")[2] or 0)
-            providers: list = [("CUDAExecutionProvider", {"device_id": device_id})]
+        if self.placement.is_host:
+            providers: list = ["CPUExecutionProvider"]
         else:
-            providers = ["CPUExecutionProvider"]
+            check_one_onnxruntime()
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise IirpError(f"device {self.device} with engine 'ort' needs onnxruntime-gpu (CUDAExecutionProvider)")
+            providers = [("CUDAExecutionProvider", {
+                "device_id": self.placement.device.index,
+                "user_compute_stream": str(self.placement.stream_handle),  # one stream with the kernels
+            })]
+        assert self.folder is not None
         path = self.folder / self.spec.file
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
@@ -44,20 +85,26 @@ class OrtBackend(Backend):
         _check_io(path, "input", self.spec.inputs, self.session.get_inputs())
         _check_io(path, "output", self.spec.outputs, self.session.get_outputs())
         self.output_names = [t.name for t in self.spec.outputs]
+        self.outputs: dict[str, Any] = {}  # CUDA: output name -> its buffer, allocated once per shape
 
     def _release(self) -> None:
-        self.__dict__.pop("session", None)
+        for attr in ("session", "outputs"):
+            self.__dict__.pop(attr, None)
 
-    def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if not self.device.startswith("cuda"):
+    def _infer(self, feeds: dict[str, Any]) -> dict[str, Any]:
+        if self.placement.is_host:
             return dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
+        device_id = self.placement.device.index
         binding = self.session.io_binding()
         for name, array in feeds.items():
-            binding.bind_cpu_input(name, array)
-        for name in self.output_names:
-            binding.bind_output(name, "cuda", int(self.device.partition(":")[2] or 0))
+            binding.bind_input(name, "cuda", device_id, np.float32, tuple(array.shape), array_pointer(array))
+        for name, shape in output_shapes(self.spec, feeds).items():
+            buffer = self.outputs.get(name)
+            if buffer is None or tuple(buffer.shape) != shape:
+                buffer = self.outputs[name] = self.placement.empty(shape)
+            binding.bind_output(name, "cuda", device_id, np.float32, shape, array_pointer(buffer))
         self.session.run_with_iobinding(binding)
-        return dict(zip(self.output_names, binding.copy_outputs_to_cpu()))
+        return {name: self.outputs[name] for name in self.output_names}
 
 
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int32)": "int32"}
