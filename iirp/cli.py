@@ -54,7 +54,8 @@ def run(
     engine: Optional[str] = typer.Option(
         None, "--engine",
         help="reference | torch | ort | openvino | trt (default: reference with --checkpoint, ort with --engines)."),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    device: Optional[str] = typer.Option(
+        None, "--device", help="cpu | cuda | cuda:N (default: cuda for --engine trt, else cpu)."),
     precision: str = typer.Option(
         "auto", "--precision", help="auto | fp32 | bf16 (engine openvino; others compute in the folder's precision)."
     ),
@@ -80,7 +81,7 @@ def run(
     """Register MOVING to FIXED; write warped image, displacement field, labels and a report."""
     from iirp.runtime import RegistrationOptions, make_solver
     from iirp.runtime.engines.options import BackendOptions
-    from iirp.runtime.solvers import check_request, default_engine
+    from iirp.runtime.solvers import check_request, default_device, default_engine
 
     if out == "":
         _fail("iirp-run", "missing output folder: -o/--out is empty", verbose)
@@ -102,6 +103,7 @@ def run(
         _fail("iirp-run", "use either --affine or --initial-transform, not both", verbose)
     out_dir = Path(out)
     engine_name = engine or default_engine(checkpoint, engines)
+    device = device or default_device(engine_name)
 
     def _options() -> tuple[RegistrationOptions, BackendOptions]:
         # parsed once, cheap checks first: a typo does not wait for the images or the model to load

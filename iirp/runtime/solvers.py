@@ -35,6 +35,7 @@ __all__ = [
     "TorchSolver",
     "check_request",
     "checkpoint_manifest",
+    "default_device",
     "default_engine",
     "make_solver",
 ]
@@ -184,6 +185,11 @@ def default_engine(checkpoint: Optional[PathLike], engines: Optional[PathLike]) 
     return "ort" if engines is not None else "reference"
 
 
+def default_device(engine: str) -> str:
+    """``cuda`` for ``trt`` (it runs nowhere else), ``cpu`` for every other engine."""
+    return "cuda" if engine == "trt" else "cpu"
+
+
 def check_request(
     engine: str, *, checkpoint: PathLike | None = None, engines: PathLike | None = None, device: str = "cpu"
 ) -> None:
@@ -202,6 +208,12 @@ def check_request(
                         f"{' or '.join(CHECKPOINT_ENGINES)}")
     if engine not in ENGINES:
         raise IirpError(f"engine {engine!r} is not available; choose from {', '.join(ENGINES)}")
+    if engine == "trt" and engines is not None:  # the folder's own problem first: no engines at all
+        manifest = Manifest.load(Path(str(engines)))
+        if not manifest.tensorrt or any(s.engine_file is None for s in manifest.stages.values()):
+            from iirp.manifest import ManifestMismatchError
+
+            raise ManifestMismatchError(f"engine folder {engines} has no TensorRT engines (export with --trt)")
     if engine != "reference":
         from iirp.runtime.engines import BACKENDS
 
