@@ -138,8 +138,14 @@ class ReferenceSolver:
                 "stage_backends": {stage: f"torch-{self.precision}" for stage in STAGES}}
 
 
-#: The name this class had before the pipeline was unified (kept for library users).
-TorchSolver = ReferenceSolver
+class TorchSolver(ReferenceSolver):
+    """The reference under the name it had before the pipeline was unified: reports engine ``torch``.
+
+    For library users and reports that key on that name; ``iirp-run`` names the reference engine
+    ``reference`` (:func:`make_solver`).
+    """
+
+    engine = "torch"
 
 
 def _torch(engine: str) -> Any:
