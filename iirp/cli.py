@@ -40,7 +40,10 @@ def _guarded(prog: str, verbose: bool, call: Callable[[], T]) -> T:
         "the network assumes the pair is already affinely aligned. "
         "Cohort mode: --pairs CSV (columns fixed, moving, optional moving_seg, id) registers every pair "
         "into OUT/<id>/ with the engines loaded once, writes OUT/summary.csv, skips a failing pair and "
-        "exits 1 at the end if any failed."
+        "exits 1 at the end if any failed. --resume keeps the pairs an earlier run finished (outputs checked "
+        "against their report.json); --shard I/N runs rows I, I+N, ... into OUT/summary.I-of-N.csv and "
+        "--merge-summaries OUT joins the shards; --ray local|auto|ADDRESS runs the pairs on a Ray cluster "
+        "(OUT on a filesystem every worker shares; --device cuda with --gpus-per-worker G)."
     )
 )
 def run(
@@ -66,15 +69,37 @@ def run(
     intensity: str = typer.Option("minmax", "--intensity", help="minmax | percentile:LO,HI | window:LO,HI"),
     qc: bool = typer.Option(False, "--qc", help="Also write qc.png (slices, checkerboard, grid, Jacobian)."),
     pairs: Optional[Path] = typer.Option(None, "--pairs", help="CSV of pairs: cohort mode (see below)."),
+    resume: bool = typer.Option(False, "--resume", help="Cohort: keep the pairs already done; run the rest."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="Cohort: run slice I of N (rows I, I+N...): I/N."),
+    merge_summaries: Optional[Path] = typer.Option(
+        None, "--merge-summaries", help="Join the shard summaries of this cohort folder into its summary.csv."),
+    ray: Optional[str] = typer.Option(None, "--ray", help="Cohort on a Ray cluster: local | auto | ADDRESS."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Ray workers (default: what the cluster holds)."),
+    gpus_per_worker: Optional[float] = typer.Option(
+        None, "--gpus-per-worker", help="GPUs per Ray worker, 0..1 (needs --device cuda)."),
+    cpus_per_worker: Optional[float] = typer.Option(
+        None, "--cpus-per-worker", help="CPUs per Ray worker (default 1; also its solver's threads)."),
     demo: bool = typer.Option(False, "--demo", help="Register the built-in example pair (default -o iirp-demo)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     verbose: bool = typer.Option(False, "--verbose", help="Show tracebacks and library warnings."),
 ) -> None:
     """Register MOVING to FIXED; write warped image, displacement field, labels and a report."""
+    from iirp.cli_cohort import CohortRequest
     from iirp.runtime import RegistrationOptions
+    from iirp.runtime.solver_spec import SolverSpec
 
+    cohort = CohortRequest(resume, shard, ray, workers, gpus_per_worker, cpus_per_worker)
+    if merge_summaries is not None:
+        if any(v is not None for v in (fixed, moving, pairs, out, checkpoint, engines)) or cohort.given():
+            _fail("iirp-run", "--merge-summaries takes only the cohort folder (and --verbose)", verbose)
+        from iirp.cli_cohort import merge
+
+        merge(merge_summaries, verbose)
+        return
     if out == "":
         _fail("iirp-run", "missing output folder: -o/--out is empty", verbose)
+    if pairs is None and cohort.given():
+        _fail("iirp-run", f"{', '.join(cohort.given())}: cohort options, for --pairs runs", verbose)
     if demo:
         if fixed is not None or moving is not None or pairs is not None or checkpoint is not None \
                 or engines is not None or moving_seg is not None:
@@ -97,25 +122,20 @@ def run(
         affine=affine, initial_transform=initial_transform,
     )
 
-    engine_name = engine or ("ort" if engines is not None else "torch")
+    spec = SolverSpec.of(engine, checkpoint=checkpoint, engines=engines, device=device)
 
     def _check_options() -> None:
         # cheap checks first, so a typo does not wait for the images or the model to load
         from iirp.iterstop import parse_iterstop
         from iirp.runtime.intensity import parse_intensity
-        from iirp.runtime.solvers import check_request
 
         parse_iterstop(iterstop, delta, max_iters)
         parse_intensity(intensity)
-        check_request(engine_name, checkpoint=checkpoint, engines=engines, device=device)
-
-    def _solver():  # type: ignore[no-untyped-def]
-        from iirp.runtime import make_solver
-
-        return make_solver(engine_name, checkpoint=checkpoint, engines=engines, device=device)
 
     if pairs is not None:
-        _run_cohort(pairs, out_dir, _check_options, _solver, options, qc, overwrite, verbose)
+        from iirp.cli_cohort import run_cohort
+
+        run_cohort(pairs, out_dir, spec, options, qc, overwrite, cohort, _check_options, verbose)
         return
 
     def _go() -> dict:
@@ -124,8 +144,9 @@ def run(
 
         check_output_dir(out_dir, overwrite=overwrite, owned=REGISTRATION_OUTPUTS)
         _check_options()
+        spec.check()
         inputs = read_inputs(fixed, moving, moving_seg=moving_seg, options=options)  # before the model loads
-        return register_files(fixed, moving, _solver(), out_dir, moving_seg=moving_seg, options=options, qc=qc,
+        return register_files(fixed, moving, spec.build(), out_dir, moving_seg=moving_seg, options=options, qc=qc,
                               overwrite=overwrite, inputs=inputs)
 
     report = _guarded("iirp-run", verbose, _go)
@@ -180,45 +201,6 @@ def _print_report(report: dict) -> None:
     typer.echo(f"time: {t['total'] / 1e3:.1f}s ({stages})")
     for name, path in report["outputs"].items():
         typer.echo(f"{name:>13}: {path}")
-
-
-def _run_cohort(pairs_csv: Path, out: Path, check: Callable[[], None], make: Callable[[], object], options: object,
-                qc: bool, overwrite: bool, verbose: bool) -> None:
-    """Cohort mode: progress bar over pairs, a line per failed pair, exit 1 if any failed."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from iirp.runtime.cohort import PairOutcome, cohort_entry, register_cohort
-    from iirp.runtime.imageio import check_output_dir
-    from iirp.runtime.pairs import read_pairs
-
-    def _prepare():  # type: ignore[no-untyped-def]
-        check_output_dir(out, overwrite=overwrite, owned=cohort_entry, role="cohort output folder")
-        check()
-        return read_pairs(pairs_csv)
-
-    pair_list = _guarded("iirp-run", verbose, _prepare)
-    solver = _guarded("iirp-run", verbose, make)
-    err = Console(stderr=True)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err, transient=False) as bar:
-        task = bar.add_task("registering", total=len(pair_list))
-
-        def on_pair(index: int, outcome: PairOutcome) -> None:
-            if not outcome.ok:
-                bar.console.print(f"iirp-run: pair {outcome.pair.id} (row {outcome.pair.row}) failed: "
-                                  f"{outcome.error}", markup=False, highlight=False, soft_wrap=True)
-            bar.update(task, advance=1, description=f"registering (last: {outcome.pair.id})")
-
-        summary = _guarded("iirp-run", verbose, lambda: register_cohort(
-            pair_list, solver, out, options=options, qc=qc, overwrite=overwrite,  # type: ignore[arg-type]
-            on_pair=on_pair))
-    done = len(summary.outcomes) - len(summary.failed)
-    typer.echo(f"{done} of {len(summary.outcomes)} pairs registered; summary: {summary.summary_csv}")
-    if summary.failed:
-        typer.echo(f"iirp-run: {len(summary.failed)} pair(s) failed: "
-                   f"{', '.join(o.pair.id for o in summary.failed)}", err=True)
-        raise typer.Exit(1)
 
 
 @export_app.command(

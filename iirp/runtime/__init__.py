@@ -25,13 +25,14 @@ _LAZY = {
     "FlowSolver": "iirp.runtime.solvers",
     "TorchSolver": "iirp.runtime.solvers",
     "make_solver": "iirp.runtime.solvers",
+    "SolverSpec": "iirp.runtime.solver_spec",
     "CudaSolver": "iirp.runtime.gpu_pipeline",
 }
 
 __all__ = [
     "MODEL_ORIENTATION", "ModelGrid", "PreparedPair", "RegistrationOptions", "prepare_pair",
     "register_files", "register_images", "write_registration", "Registration",
-    "SOLVERS", "FlowSolver", "TorchSolver", "make_solver", "CudaSolver",
+    "SOLVERS", "FlowSolver", "TorchSolver", "make_solver", "SolverSpec", "CudaSolver",
 ]
 
 

@@ -19,6 +19,10 @@ __all__ = ["OrtBackend"]
 class OrtBackend(Backend):
     """One ONNX stage in an ``onnxruntime.InferenceSession``."""
 
+    #: Intra-op threads of the sessions built from now on; 0 is onnxruntime's default (one per core).
+    #: Set by :func:`iirp.runtime.solver_spec.limit_threads` (a cohort worker's ``--cpus-per-worker``).
+    intra_op_threads: int = 0
+
     def _activate(self) -> None:
         try:
             import onnxruntime as ort
@@ -27,6 +31,7 @@ class OrtBackend(Backend):
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
+        options.intra_op_num_threads = int(self.intra_op_threads)
         if self.device.startswith("cuda"):
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise IirpError("device 'cuda' with engine 'ort' needs onnxruntime-gpu (CUDAExecutionProvider)")
