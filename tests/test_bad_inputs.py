@@ -756,6 +756,8 @@ for _name, _extra, _pattern in [
     ("ray_cuda_without_gpus", ["--ray", "local", "--device", "cuda"],
      r"--device cuda with --ray needs --gpus-per-worker G > 0"),
     ("ray_cpus_per_worker_zero", ["--ray", "local", "--cpus-per-worker", "0"], r"--cpus-per-worker must be > 0"),
+    ("ray_unreachable_address", ["--ray", "127.0.0.1:1"],
+     r"cannot connect to the Ray cluster at '127.0.0.1:1': nothing answers at 127.0.0.1:1"),
 ]:
     case(f"cohort_{_name}")(lambda d, w, e=_extra, pat=_pattern: Case("iirp-run", _cohort(d, w, *e), pat))
 

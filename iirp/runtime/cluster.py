@@ -138,6 +138,9 @@ def connect(options: ClusterOptions) -> bool:
     ray = import_ray()
     if ray.is_initialized():
         return False
+    problem = _unreachable(options.address)
+    if problem:  # ray.init would retry an unreachable address for minutes
+        raise IirpError(f"cannot connect to the Ray cluster at {options.address!r}: {problem}")
     kwargs: dict[str, Any] = {"logging_level": logging.INFO if options.verbose else logging.ERROR,
                               "log_to_driver": options.verbose}
     if options.address == "local":
@@ -157,6 +160,18 @@ def connect(options: ClusterOptions) -> bool:
             # (kill the actors, remove their partial folders, then ray.shutdown) runs with the cluster alive.
             signal.signal(signal.SIGTERM, previous)
     return True
+
+
+def _unreachable(address: str, timeout: float = 5.0) -> Optional[str]:
+    """Why ``HOST:PORT`` (or ``ray://HOST:PORT``) takes no TCP connection, or None (also for ``local``/``auto``)."""
+    host, sep, port = address.strip().split("://", 1)[-1].rpartition(":")
+    if not sep or not port.isdigit():
+        return None  # local, auto, or something for Ray to judge
+    try:
+        socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=timeout).close()
+    except OSError as err:
+        return f"nothing answers at {host}:{port} ({os_error_text(err) if err.strerror else err or 'timed out'})"
+    return None
 
 
 # --------------------------------------------------------------------------- the worker (a Ray actor)
@@ -297,6 +312,9 @@ class _SharedToken:
         self.value = secrets.token_hex(16)
         try:
             self.dir = Path(tempfile.mkdtemp(prefix=partial_name(), dir=root))
+            umask = os.umask(0o022)
+            os.umask(umask)
+            os.chmod(self.dir, 0o777 & ~umask)  # mkdtemp's folder is private; workers may run as another user
             (self.dir / _TOKEN).write_text(self.value + "\n", encoding="utf-8")
         except OSError as err:
             self.remove()

@@ -43,10 +43,13 @@ _PID = re.compile(re.escape(PARTIAL_PREFIX) + r"[A-Za-z0-9.-]+-(\d+)-")
 @pytest.fixture(scope="module", autouse=True)
 def cluster() -> Iterator[None]:
     """One local Ray cluster for the module; ``--ray local`` in this process uses it (it is connected)."""
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, logging_level=logging.ERROR,
              log_to_driver=False)
     yield
     ray.shutdown()
+    for sig, handler in handlers.items():  # ray.init replaced SIGTERM's
+        signal.signal(sig, handler)
 
 
 @pytest.fixture(scope="module")
