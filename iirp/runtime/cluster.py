@@ -349,12 +349,12 @@ class _Worker:
 
 
 def _death_cause(err: BaseException) -> str:
-    """A short cause for a RayActorError (the first line of Ray's message, the actor id left out)."""
-    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    for marker in ("The actor ", "The actor is "):
-        if text.startswith(marker) and " is unavailable: " in text:
-            text = text.split(" is unavailable: ", 1)[1]
-    return one_line(f"{text} ({type(err).__name__})", 240)
+    """A short cause for a RayActorError: Ray's first line (the actor id left out) and its lines that say why
+    (``... because ...``, the worker's exit detail, memory)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    head = (lines[0] if lines else type(err).__name__).split(" is unavailable: ", 1)[-1]
+    why = [line for line in lines[1:] if "because" in line or "exit detail" in line.lower() or "memory" in line.lower()]
+    return one_line(" ".join([head, *why[:2]]) + f" ({type(err).__name__})", 300)
 
 
 @contextlib.contextmanager
@@ -475,7 +475,7 @@ class _Driver:
         try:
             info = self.ray.get(ref)
         except RayActorError as err:
-            self._died(worker, _death_cause(err), prepare=True)
+            self._died(worker, _death_cause(err))
             return
         except Exception as err:  # noqa: BLE001 - RayTaskError: a bug in prepare(); drop the worker
             info = {"error": one_line(f"unexpected {type(err).__name__}: {err}", 300)}
@@ -521,7 +521,7 @@ class _Driver:
                 self.on_event(CohortEvent("retrying", pair, detail=f"{worker.where()} died: {cause}"))
             else:
                 self._record(pair, failed_row(pair, f"worker died twice: {cause}"))
-            self._died(worker, cause, prepare=False)
+            self._died(worker, cause)
             return
         except Exception as err:  # noqa: BLE001 - RayTaskError: run() itself failed (not the pair): a failed row
             discard_attempt(self.plan.root / pair.id, worker.info.get("partial_prefix", "\0"))
@@ -530,7 +530,7 @@ class _Driver:
         worker.deaths_in_a_row = 0
         self._record(pair, result["row"])
 
-    def _died(self, worker: _Worker, cause: str, *, prepare: bool) -> None:
+    def _died(self, worker: _Worker, cause: str) -> None:
         """After a death: prepare the restarted actor again (new pid), or drop it after too many deaths."""
         worker.ready = False
         worker.deaths_in_a_row += 1

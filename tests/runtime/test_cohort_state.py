@@ -307,3 +307,27 @@ def test_shared_folder_token_check(tmp_path: Path) -> None:
     (token_dir / "token").write_text("secret\n")
     assert _check_token(str(token_dir), "secret") is None
     assert list(token_dir.iterdir()) == [token_dir / "token"]  # the write probe is gone
+
+
+def test_a_workers_death_is_one_line() -> None:
+    """What 'worker died twice: ...' says, from Ray's multi-line errors."""
+    from iirp.runtime.cluster import _death_cause
+
+    class ActorDiedError(Exception):
+        pass
+
+    class ActorUnavailableError(Exception):
+        pass
+
+    died = ActorDiedError("The actor died unexpectedly before finishing this task.\n\tclass_name: PairWorker\n\t"
+                          "actor_id: 9e96\n\tpid: 4242\nThe actor is dead because its worker process has died. Worker "
+                          "exit type: SYSTEM_ERROR Worker exit detail: Task was killed due to the node running low on "
+                          "memory.")
+    assert _death_cause(died) == (
+        "The actor died unexpectedly before finishing this task. The actor is dead because its worker process has "
+        "died. Worker exit type: SYSTEM_ERROR Worker exit detail: Task was killed due to the node running low on "
+        "memory. (ActorDiedError)")
+    gone = ActorUnavailableError("The actor 9e96 is unavailable: The actor is temporarily unavailable: RpcError: "
+                                 "Socket closed. The task may or may not have been executed on the actor.")
+    assert _death_cause(gone).startswith("The actor is temporarily unavailable: RpcError: Socket closed.")
+    assert "\n" not in _death_cause(gone) and "9e96" not in _death_cause(gone)
