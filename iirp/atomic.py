@@ -399,6 +399,11 @@ class StagedFolder:
     def write_json(self, name: str, payload: Any) -> Path:
         return self.write(name, _bytes_writer((json.dumps(payload, indent=2) + "\n").encode("utf-8")))
 
+    def staged(self) -> dict[str, Path]:
+        """The files staged so far: name -> where it lies until it is published (to checksum it)."""
+        assert self._stage is not None, "use StagedFolder as a context manager"
+        return {name: self._stage / name for name in self._names}
+
     def _cleanup(self) -> None:
         if self._stage is not None:
             shutil.rmtree(self._stage, ignore_errors=True)

@@ -40,7 +40,10 @@ def _guarded(prog: str, verbose: bool, call: Callable[[], T]) -> T:
         "the network assumes the pair is already affinely aligned. "
         "Cohort mode: --pairs CSV (columns fixed, moving, optional moving_seg, id) registers every pair "
         "into OUT/<id>/ with the engines loaded once, writes OUT/summary.csv, skips a failing pair and "
-        "exits 1 at the end if any failed."
+        "exits 1 at the end if any failed. --resume keeps the pairs an earlier run finished (outputs checked "
+        "against their report.json); --shard I/N runs rows I, I+N, ... into OUT/summary.I-of-N.csv and "
+        "--merge-summaries OUT joins the shards; --ray local|auto|ADDRESS runs the pairs on a Ray cluster "
+        "(OUT on a filesystem every worker shares; --device cuda with --gpus-per-worker G)."
     )
 )
 def run(
@@ -74,17 +77,38 @@ def run(
         None, "--spacing", help="Model grid spacing (mm) for a model that records none; must match one that does."),
     qc: bool = typer.Option(False, "--qc", help="Also write qc.png (slices, checkerboard, grid, Jacobian)."),
     pairs: Optional[Path] = typer.Option(None, "--pairs", help="CSV of pairs: cohort mode (see below)."),
+    resume: bool = typer.Option(False, "--resume", help="Cohort: keep the pairs already done; run the rest."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="Cohort: run slice I of N (rows I, I+N...): I/N."),
+    merge_summaries: Optional[Path] = typer.Option(
+        None, "--merge-summaries", help="Join the shard summaries of this cohort folder into its summary.csv."),
+    ray: Optional[str] = typer.Option(None, "--ray", help="Cohort on a Ray cluster: local | auto | ADDRESS."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Ray workers (default: what the cluster holds)."),
+    gpus_per_worker: Optional[float] = typer.Option(
+        None, "--gpus-per-worker", help="GPUs per Ray worker, 0..1 (needs --device cuda)."),
+    cpus_per_worker: Optional[float] = typer.Option(
+        None, "--cpus-per-worker", help="CPUs per Ray worker (default 1; also its solver's threads)."),
     demo: bool = typer.Option(False, "--demo", help="Register the built-in example pair (default -o iirp-demo)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     verbose: bool = typer.Option(False, "--verbose", help="Show tracebacks and library warnings."),
 ) -> None:
     """Register MOVING to FIXED; write warped image, displacement field, labels and a report."""
-    from iirp.runtime import RegistrationOptions, make_solver
-    from iirp.runtime.engines.options import BackendOptions
-    from iirp.runtime.solvers import check_request, default_device, default_engine
+    from iirp.cli_cohort import CohortRequest
+    from iirp.runtime import RegistrationOptions
+    from iirp.runtime.solver_spec import SolverSpec
+    from iirp.runtime.solvers import default_device, default_engine
 
+    cohort = CohortRequest(resume, shard, ray, workers, gpus_per_worker, cpus_per_worker)
+    if merge_summaries is not None:
+        if any(v is not None for v in (fixed, moving, pairs, out, checkpoint, engines)) or cohort.given():
+            _fail("iirp-run", "--merge-summaries takes only the cohort folder (and --verbose)", verbose)
+        from iirp.cli_cohort import merge
+
+        merge(merge_summaries, verbose)
+        return
     if out == "":
         _fail("iirp-run", "missing output folder: -o/--out is empty", verbose)
+    if pairs is None and cohort.given():
+        _fail("iirp-run", f"{', '.join(cohort.given())}: cohort options, for --pairs runs", verbose)
     if demo:
         if fixed is not None or moving is not None or pairs is not None or checkpoint is not None \
                 or engines is not None or moving_seg is not None:
@@ -105,20 +129,19 @@ def run(
     engine_name = engine or default_engine(checkpoint, engines)
     device = device or default_device(engine_name)
 
-    def _options() -> tuple[RegistrationOptions, BackendOptions]:
-        # parsed once, cheap checks first: a typo does not wait for the images or the model to load
-        backend = BackendOptions(precision=precision, threads=threads)
-        options = RegistrationOptions(iterstop=iterstop, delta=delta, max_iters=max_iters, intensity=intensity,
-                                      affine=affine, initial_transform=initial_transform,
-                                      spacing=(spacing,) * 3 if spacing is not None else None)
-        check_request(engine_name, checkpoint=checkpoint, engines=engines, device=device)
-        return options, backend
+    spec = SolverSpec.of(engine_name, checkpoint=checkpoint, engines=engines, device=device, threads=threads,
+                         precision=precision)
 
-    def _solver(backend: BackendOptions):  # type: ignore[no-untyped-def]
-        return make_solver(engine_name, checkpoint=checkpoint, engines=engines, device=device, options=backend)
+    def _options() -> RegistrationOptions:
+        # parsed once, cheap checks first: a typo does not wait for the images or the model to load
+        return RegistrationOptions(iterstop=iterstop, delta=delta, max_iters=max_iters, intensity=intensity,
+                                   affine=affine, initial_transform=initial_transform,
+                                   spacing=(spacing,) * 3 if spacing is not None else None)
 
     if pairs is not None:
-        _run_cohort(pairs, out_dir, _options, _solver, qc, overwrite, verbose)
+        from iirp.cli_cohort import run_cohort
+
+        run_cohort(pairs, out_dir, spec, _options, qc, overwrite, cohort, verbose)
         return
 
     def _go() -> dict:
@@ -126,10 +149,11 @@ def run(
         from iirp.runtime.register import read_inputs, register_files
 
         check_output_dir(out_dir, overwrite=overwrite, owned=REGISTRATION_OUTPUTS)
-        options, backend = _options()
+        options = _options()
+        spec.check()
         inputs = read_inputs(fixed, moving, moving_seg=moving_seg, options=options)  # before the model loads
-        return register_files(fixed, moving, _solver(backend), out_dir, moving_seg=moving_seg, options=options,
-                              qc=qc, overwrite=overwrite, inputs=inputs)
+        return register_files(fixed, moving, spec.build(), out_dir, moving_seg=moving_seg, options=options, qc=qc,
+                              overwrite=overwrite, inputs=inputs)
 
     report = _guarded("iirp-run", verbose, _go)
     for text in report.get("warnings", []):
@@ -196,44 +220,6 @@ def backend_summary(report: dict) -> str:
     load = f"; load {report['load_ms'] / 1e3:.1f}s" if report.get("load_ms") is not None else ""
     head = f"engine {report['engine']}, precision {report['precision']}{note}"
     return head + (f"; {stages}" if stages else "") + load
-
-
-def _run_cohort(pairs_csv: Path, out: Path, parse: Callable[[], tuple], make: Callable[[object], object],
-                qc: bool, overwrite: bool, verbose: bool) -> None:
-    """Cohort mode: progress bar over pairs, a line per failed pair, exit 1 if any failed."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from iirp.runtime.cohort import PairOutcome, cohort_entry, register_cohort
-    from iirp.runtime.imageio import check_output_dir
-    from iirp.runtime.pairs import read_pairs
-
-    def _prepare():  # type: ignore[no-untyped-def]
-        check_output_dir(out, overwrite=overwrite, owned=cohort_entry, role="cohort output folder")
-        return parse(), read_pairs(pairs_csv)
-
-    (options, backend), pair_list = _guarded("iirp-run", verbose, _prepare)
-    solver = _guarded("iirp-run", verbose, lambda: make(backend))
-    err = Console(stderr=True)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err, transient=False) as bar:
-        task = bar.add_task("registering", total=len(pair_list))
-
-        def on_pair(index: int, outcome: PairOutcome) -> None:
-            if not outcome.ok:
-                bar.console.print(f"iirp-run: pair {outcome.pair.id} (row {outcome.pair.row}) failed: "
-                                  f"{outcome.error}", markup=False, highlight=False, soft_wrap=True)
-            bar.update(task, advance=1, description=f"registering (last: {outcome.pair.id})")
-
-        summary = _guarded("iirp-run", verbose, lambda: register_cohort(
-            pair_list, solver, out, options=options, qc=qc, overwrite=overwrite,  # type: ignore[arg-type]
-            on_pair=on_pair))
-    done = len(summary.outcomes) - len(summary.failed)
-    typer.echo(f"{done} of {len(summary.outcomes)} pairs registered; summary: {summary.summary_csv}")
-    if summary.failed:
-        typer.echo(f"iirp-run: {len(summary.failed)} pair(s) failed: "
-                   f"{', '.join(o.pair.id for o in summary.failed)}", err=True)
-        raise typer.Exit(1)
 
 
 @export_app.command(

@@ -759,6 +759,84 @@ def _cohort_out(d: dict, work: Path) -> Case:
                              "-o", str(out)], r"cohort output folder .* is not empty")
 
 
+def _cohort(d: dict, work: Path, *extra: str) -> list[str]:
+    return ["--pairs", str(_pairs_csv(work, d, ["a", "b"])), "--checkpoint", str(d["ckpt"]), "-o", OUT, *extra]
+
+
+for _name, _extra, _pattern in [
+    ("shard_3_of_2", ["--shard", "3/2"], r"--shard must be I/N with 1 <= I <= N, got 3/2"),
+    ("shard_0_of_2", ["--shard", "0/2"], r"--shard must be I/N with 1 <= I <= N, got 0/2"),
+    ("shard_not_a_fraction", ["--shard", "x"], r"--shard must be I/N with 1 <= I <= N \(e.g. 2/8\), got 'x'"),
+    ("resume_with_overwrite", ["--resume", "--overwrite"], r"use either --resume .* or --overwrite .*, not both"),
+    ("workers_without_ray", ["--workers", "2"], r"--workers needs --ray"),
+    ("ray_workers_zero", ["--ray", "local", "--workers", "0"], r"--workers must be >= 1, got 0"),
+    ("ray_gpus_per_worker_2", ["--ray", "local", "--gpus-per-worker", "2", "--device", "cuda"],
+     r"--gpus-per-worker must be between 0 and 1"),
+    ("ray_gpus_without_cuda", ["--ray", "local", "--gpus-per-worker", "1"], r"--gpus-per-worker 1 needs --device cuda"),
+    ("ray_device_cuda_1", ["--ray", "local", "--gpus-per-worker", "1", "--device", "cuda:1"],
+     r"--device cuda:1 with --ray: Ray chooses each worker's GPU; use --device cuda"),
+    ("ray_cuda_without_gpus", ["--ray", "local", "--device", "cuda"],
+     r"--device cuda with --ray needs --gpus-per-worker G > 0"),
+    ("ray_cpus_per_worker_zero", ["--ray", "local", "--cpus-per-worker", "0"], r"--cpus-per-worker must be > 0"),
+    ("ray_unreachable_address", ["--ray", "127.0.0.1:1"],
+     r"cannot connect to the Ray cluster at '127.0.0.1:1': nothing answers at 127.0.0.1:1"),
+]:
+    case(f"cohort_{_name}")(lambda d, w, e=_extra, pat=_pattern: Case("iirp-run", _cohort(d, w, *e), pat))
+
+
+@case("cohort_options_without_pairs")
+def _cohort_options_without_pairs(d: dict, work: Path) -> Case:
+    return Case("iirp-run", _run(d) + ["--resume", "--shard", "1/2"], r"--resume, --shard: cohort options, for --pairs")
+
+
+@case("merge_without_shard_summaries")
+def _merge_nothing(d: dict, work: Path) -> Case:
+    return Case("iirp-run", ["--merge-summaries", OUT],
+                r"cohort output folder .* (not found|holds no shard summaries \(summary.<i>-of-<n>.csv\))")
+
+
+def _shard_summaries(work: Path, shards: dict[str, str]) -> Path:
+    out = work / "sharded"
+    out.mkdir()
+    for name, text in shards.items():
+        (out / name).write_text(text)
+    return out
+
+
+@case("merge_missing_shard")
+def _merge_missing(d: dict, work: Path) -> Case:
+    out = _shard_summaries(work, {"summary.1-of-3.csv": "id,status\na,ok\n", "summary.3-of-3.csv": "id,status\nc,ok\n"})
+    return Case("iirp-run", ["--merge-summaries", str(out)], r"shard 2/3 missing \(no summary.2-of-3.csv\)",
+                (str(out),))
+
+
+@case("merge_overlapping_shards")
+def _merge_overlap(d: dict, work: Path) -> Case:
+    out = _shard_summaries(work, {"summary.1-of-2.csv": "id,status\na,ok\n", "summary.2-of-2.csv": "id,status\nA,ok\n"})
+    return Case("iirp-run", ["--merge-summaries", str(out)], r"pair 'A' is in shards 1/2 and 2/2: the summaries overlap")
+
+
+@case("merge_unfinished_shard")
+def _merge_pending(d: dict, work: Path) -> Case:
+    out = _shard_summaries(work, {"summary.1-of-2.csv": "id,status\na,ok\n",
+                                  "summary.2-of-2.csv": "id,status\nb,pending\n"})
+    return Case("iirp-run", ["--merge-summaries", str(out)], r"shard 2/2 has not finished .*--shard 2/2 --resume")
+
+
+@case("merge_with_other_options")
+def _merge_other(d: dict, work: Path) -> Case:
+    return Case("iirp-run", ["--merge-summaries", OUT, "--pairs", str(_pairs_csv(work, d, ["a"]))],
+                r"--merge-summaries takes only the cohort folder")
+
+
+@case("cohort_shard_into_other_split")
+def _shard_other_split(d: dict, work: Path) -> Case:
+    out = _shard_summaries(work, {"summary.1-of-3.csv": "id,status\na,ok\n"})
+    argv = _cohort(d, work, "--shard", "1/2")
+    argv[argv.index(OUT)] = str(out)
+    return Case("iirp-run", argv, r"holds summaries of a split into another number of shards \(summary.1-of-3.csv\)")
+
+
 # --------------------------------------------------------------------------- iirp-export, iirp-bench, iirp-train
 
 

@@ -28,12 +28,14 @@ _LAZY = {
     "make_solver": "iirp.runtime.solvers",
     "EngineSolver": "iirp.runtime.pipeline",
     "make_placement": "iirp.runtime.placement",
+    "SolverSpec": "iirp.runtime.solver_spec",
 }
 
 __all__ = [
     "MODEL_ORIENTATION", "ModelGrid", "PreparedPair", "RegistrationOptions", "prepare_pair",
     "register_files", "register_images", "write_registration", "Registration",
     "ENGINES", "FlowSolver", "ReferenceSolver", "TorchSolver", "make_solver", "EngineSolver", "make_placement",
+    "SolverSpec",
 ]
 
 

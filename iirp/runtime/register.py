@@ -39,7 +39,7 @@ from iirp.typing import PathLike
 
 __all__ = [
     "RegistrationOptions", "PreparedPair", "Registration", "PairInputs", "prepare_pair", "read_inputs",
-    "register_images", "register_files", "write_registration", "output_bytes",
+    "register_images", "register_files", "write_registration", "output_bytes", "file_record",
 ]
 
 
@@ -464,7 +464,8 @@ def write_registration(
 ) -> dict[str, str]:
     """Write ``result`` into ``out_dir`` (all or nothing) and record the paths in ``result.report["outputs"]``.
 
-    Every NIfTI file is checked to be complete before the set is published (``report.json`` last).
+    Every NIfTI file is checked to be complete before the set is published (``report.json`` last);
+    ``report["output_files"]`` records each other file's size and sha256 (:func:`file_record`).
 
     Args:
         overwrite: replace an earlier run's outputs (:data:`~iirp.runtime.imageio.REGISTRATION_OUTPUTS`)
@@ -508,11 +509,20 @@ def write_registration(
                 "qc.png",
                 lambda p: write_qc_png(p, result.fixed, result.moving_before, result.warped, result.field, caption),
             )
+        report["output_files"] = {name: file_record(path) for name, path in stage.staged().items()}
         timings["write"] = (time.perf_counter() - t0) * 1e3
         if t_start is not None:
             timings["total"] = (time.perf_counter() - t_start) * 1e3
         stage.write_json("report.json", report)
     return outputs
+
+
+def file_record(path: PathLike) -> dict[str, Any]:
+    """``{"bytes": size, "sha256": hex digest}`` of a written file: what ``report.json``'s ``output_files``
+    records for each output, and what ``iirp-run --resume`` checks the outputs against."""
+    from iirp.manifest import sha256_file
+
+    return {"bytes": os.stat(path).st_size, "sha256": sha256_file(path)}
 
 
 def _write_transform(transform: sitk.Transform, path: str) -> None:
