@@ -11,14 +11,17 @@ output field is ``u(x) = T(x + d(x)) - x`` on the fixed image's grid.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import SimpleITK as sitk
 
-from iirp.runtime.geometry import ModelGrid, image_from_array, same_grid
+from iirp.runtime.geometry import ModelGrid, array_from_image, image_from_array, orient, same_grid
 
 __all__ = [
     "flow_to_physical",
     "displacement_field",
+    "warp_on_model_grid",
     "apply_field",
     "jacobian_determinant",
     "folding_fraction",
@@ -48,7 +51,7 @@ def displacement_field(
     """
     physical = flow_to_physical(flow, grid)
     if not same_grid(grid, fixed):
-        physical = sitk.Resample(
+        physical = _reoriented(physical, fixed) or sitk.Resample(
             physical, fixed, sitk.Transform(3, sitk.sitkIdentity), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64
         )
     if pre_alignment is None:
@@ -64,6 +67,73 @@ def displacement_field(
         fixed.GetSpacing(),
         fixed.GetDirection(),
     )
+
+
+def _orientation(image: sitk.Image | ModelGrid) -> str:
+    direction = image.direction if isinstance(image, ModelGrid) else image.GetDirection()
+    return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(direction)
+
+
+def _reoriented(image: sitk.Image, reference: sitk.Image) -> Optional[sitk.Image]:
+    """``image`` losslessly reoriented (axes permuted and flipped) onto ``reference``'s grid, or None when that
+    does not land exactly on it (then only resampling can)."""
+    out = orient(image, _orientation(reference))
+    if not same_grid(out, reference):
+        return None
+    out.CopyInformation(reference)  # equal within _GRID_TOL: take the reference's exact numbers
+    return out
+
+
+def warp_on_model_grid(image: sitk.Image, flow: np.ndarray, grid: ModelGrid, reference: sitk.Image,
+                       labels: bool = False) -> Optional[sitk.Image]:
+    """``image`` warped by the model-grid ``flow`` with the project's kernels, on ``reference``'s grid; or None.
+
+    The fast path of :func:`apply_field` for the common case: the model grid is the fixed image's own
+    grid and the image lies on it too (both up to a lossless reorientation), with no pre-alignment.
+    The result is what resampling through the displacement field gives (:func:`apply_field`, and
+    ITK or ANTs from the written field), by ITK's rules (:mod:`iirp.kernels.resample`): intensities
+    linearly into float32, labels by nearest neighbour in their own pixel type. Sampling runs in the
+    image's stored axis order, as ITK's does, so ties round the same way.
+
+    Args:
+        image: the moving image or label map, as read.
+        flow: ``(3, X, Y, Z)`` float32 model-grid flow in voxels.
+        grid: the model grid.
+        reference: the fixed image (only its geometry is used).
+        labels: nearest-neighbour label warp instead of trilinear.
+
+    Returns:
+        The warped image on ``reference``'s grid, or None when ``image`` or ``reference`` is not on the
+        model grid (:func:`apply_field` then resamples through the field).
+    """
+    from iirp.kernels.resample import warp_image, warp_labels
+
+    if not (same_grid(orient(image, _orientation(grid)), grid) and _reoriented(grid.reference_image(), reference)):
+        return None
+    array = array_from_image(image, dtype=None if labels else np.float32)  # in the image's own axis order
+    if labels and array.dtype.kind not in "iu":
+        return None
+    # sample in the image's stored index space, as ITK does (ties round up, and edges hold, along the stored
+    # axes): the flow, reordered and sign-flipped onto those axes, exactly
+    stored_flow = _flow_on_axes_of(flow, grid, image)
+    warped = warp_labels(array, stored_flow) if labels else warp_image(array, stored_flow)
+    return _reoriented(image_from_array(warped, image), reference)
+
+
+def _flow_on_axes_of(flow: np.ndarray, grid: ModelGrid, image: sitk.Image) -> np.ndarray:
+    """The ``(3, X, Y, Z)`` voxel ``flow`` on ``grid`` as the same displacement on ``image``'s grid, a lossless
+    reorientation of it: array axes permuted and flipped, components permuted and negated (exact)."""
+    if _orientation(image) == _orientation(grid):
+        return flow
+    # signed permutation taking a step along grid axis a to a step in image index space
+    axes = np.rint(np.reshape(image.GetDirection(), (3, 3)).T @ np.reshape(grid.direction, (3, 3)))
+    components = [orient(image_from_array(np.ascontiguousarray(flow[a]), grid), _orientation(image)) for a in range(3)]
+    stored = [sitk.GetArrayViewFromImage(c).transpose(2, 1, 0) for c in components]
+    result = np.empty((3, *image.GetSize()), dtype=np.float32)
+    for b in range(3):
+        a = int(np.flatnonzero(axes[b])[0])
+        np.multiply(stored[a], np.float32(axes[b, a]), out=result[b])
+    return result
 
 
 def apply_field(moving: sitk.Image, fixed: sitk.Image, field: sitk.Image, labels: bool = False) -> sitk.Image:

@@ -296,25 +296,25 @@ REGISTRATION_OUTPUTS = frozenset(
 )
 #: The file published last: a folder without it is incomplete.
 MARKER = "report.json"
-#: zlib level of the ``.nii.gz`` outputs.
-GZIP_LEVEL = 6
-_CHUNK = 1 << 22
+_INTEGER_PIXELS = {sitk.sitkUInt8, sitk.sitkInt8, sitk.sitkUInt16, sitk.sitkInt16, sitk.sitkUInt32, sitk.sitkInt32,
+                   sitk.sitkUInt64, sitk.sitkInt64}
 
 
-def write_nifti(path: str, image: sitk.Image, *, compress: bool = True, level: int = GZIP_LEVEL) -> int:
+def write_nifti(path: str, image: sitk.Image, *, compress: bool = True, threads: Optional[int] = None) -> int:
     """Write ``image`` as a NIfTI file at ``path`` and check that every byte arrived.
 
     SimpleITK's writer does not report a short write (disk full, file-size limit), so it writes
     an uncompressed ``.nii`` whose size is checked against its own header; with ``compress`` that
-    file is then gzip-compressed here (Python I/O raises on every failed write) and removed. The
-    decompressed bytes are exactly what SimpleITK writes, so every NIfTI reader reads the same
-    image.
+    file is then gzip-compressed on ``threads`` cores (:func:`iirp.deflate.gzip_file`: one gzip
+    member, Python I/O raising on every failed write; run-length deflate for float images, the
+    default strategy for integer label maps, both at level 1) and removed. The decompressed bytes
+    are exactly what SimpleITK writes, so every NIfTI reader reads the same image.
 
     Args:
         path: the target file (``.nii.gz`` with ``compress``, else ``.nii``).
         image: any image SimpleITK writes as NIfTI.
         compress: gzip the file.
-        level: zlib compression level 1..9.
+        threads: compressing threads (default: the usable cores).
 
     Returns:
         The size in bytes of the file at ``path``.
@@ -323,6 +323,8 @@ def write_nifti(path: str, image: sitk.Image, *, compress: bool = True, level: i
         OSError: a write failed (the caller maps it to OutputError).
         OutputError: SimpleITK could not write, or its file is short.
     """
+    from iirp.deflate import FLOAT_STRATEGY, LABEL_STRATEGY, gzip_file
+
     plain = path[: -len(".gz")] if compress and path.endswith(".gz") else path + (".nii" if compress else "")
     try:
         with c_stderr_to_log():
@@ -341,13 +343,8 @@ def write_nifti(path: str, image: sitk.Image, *, compress: bool = True, level: i
             )
         if not compress:
             return size
-        with open(plain, "rb") as src, open(path, "wb") as raw:
-            with gzip.GzipFile(filename="", mode="wb", compresslevel=level, fileobj=raw, mtime=0) as gz:
-                for chunk in iter(lambda: src.read(_CHUNK), b""):
-                    gz.write(chunk)
-            raw.flush()
-            written = raw.tell()
-        return written
+        level, strategy = LABEL_STRATEGY if image.GetPixelID() in _INTEGER_PIXELS else FLOAT_STRATEGY
+        return gzip_file(plain, path, level=level, strategy=strategy, threads=threads)
     finally:
         if compress and os.path.exists(plain):
             os.remove(plain)

@@ -65,6 +65,7 @@ class EngineLevelOps:
         # views of the stage's outputs: valid for this registration (the feature extractor runs once)
         self.fixed_features = [out[f"f{k}"][0] for k in (1, 2, 3, 4)]
         self.moving_features = [out[f"f{k}"][1] for k in (1, 2, 3, 4)]
+        stages["feature_extractor"].trim()  # its working memory; the features stay
         self.clock.stop("features", t0)
 
     def zero_flow(self, level: int) -> Any:
@@ -94,6 +95,7 @@ class EngineLevelOps:
         return out
 
     def upsample(self, flow: Any, level: int) -> Any:
+        self.stages[estimator_stage(level)].trim()  # done with this level's estimator for this pair
         t0 = self.clock.start()
         out = self.kernels.upsample2(flow)  # vectors doubled with the grid
         self.clock.stop("kernels", t0)
@@ -124,7 +126,10 @@ def register_arrays_with_engines(
     start = clock.start()
     m, f = placement.upload(moving), placement.upload(fixed)  # the one upload
     clock.stop("upload", start)
-    trace = run_iterstop(EngineLevelOps(stages, m, f, clock), rule)
+    try:
+        trace = run_iterstop(EngineLevelOps(stages, m, f, clock), rule)
+    finally:
+        stages.trim()  # no stage's working memory outlives the registration
     t0 = clock.start()
     flow = placement.download(trace.flow)  # the one download (synchronizes)
     clock.stop("download", t0)

@@ -30,7 +30,7 @@ from iirp.errors import OutputError, RegistrationError
 from iirp.iterstop import DEFAULT_DELTA, DEFAULT_MAX_ITERS, IterStopRule, parse_iterstop
 from iirp.manifest import ContractError, ModelContract
 from iirp.runtime.affine import read_transform, register_affine
-from iirp.runtime.deformation import apply_field, displacement_field, folding_fraction
+from iirp.runtime.deformation import apply_field, displacement_field, folding_fraction, warp_on_model_grid
 from iirp.runtime.geometry import ModelGrid, array_from_image, model_grid_for, orient, same_grid
 from iirp.runtime.imageio import REGISTRATION_OUTPUTS, AtomicOutputDir, check_output_dir, read_image, read_labels
 from iirp.runtime.intensity import IntensityRule, normalize, parse_intensity
@@ -274,15 +274,17 @@ def register_images(
     field = displacement_field(trace.flow, pair.grid, fixed, pair.pre_alignment)
     timings["field"] = (time.perf_counter() - t0) * 1e3
     t0 = time.perf_counter()
-    warped = apply_field(moving, fixed, field)
-    warped_seg = apply_field(moving_seg, fixed, field, labels=True) if moving_seg is not None else None
+    warped, warped_seg, warp_method = _warp_outputs(moving, moving_seg, fixed, field, trace.flow, pair)
     timings["warp"] = (time.perf_counter() - t0) * 1e3
     if warped_seg is not None and not _any_label(warped_seg):
         warnings.append("no label of the moving label map reached the fixed image's grid: warped_seg is empty")
-    before = sitk.Resample(
-        moving, fixed, pair.pre_alignment or sitk.Transform(3, sitk.sitkIdentity), sitk.sitkLinear, 0.0,
-        sitk.sitkFloat32,
-    )
+    if pair.pre_alignment is None and same_grid(moving, fixed):
+        before = moving  # what "before deformable registration" looks like needs no resampling
+    else:
+        before = sitk.Resample(
+            moving, fixed, pair.pre_alignment or sitk.Transform(3, sitk.sitkIdentity), sitk.sitkLinear, 0.0,
+            sitk.sitkFloat32,
+        )
     report: dict[str, Any] = {
         "iirp_version": iirp.__version__,
         "engine": solver.engine,
@@ -303,10 +305,26 @@ def register_images(
             "initial_transform" if options.initial_transform is not None else "affine" if options.affine else None
         ),
         "model_grid": {**pair.grid.to_dict(), "voxel_for_voxel": pair.voxel_for_voxel},
+        "warp": warp_method,
         "warnings": warnings,
         "timings_ms": timings,
     }
     return Registration(fixed, before, warped, field, warped_seg, pair.pre_alignment, report)
+
+
+def _warp_outputs(moving: sitk.Image, moving_seg: Optional[sitk.Image], fixed: sitk.Image, field: sitk.Image,
+                  flow: np.ndarray, pair: PreparedPair) -> tuple[sitk.Image, Optional[sitk.Image], str]:
+    """``(warped, warped_seg, how)``: with the project's kernels where the images lie on the model grid
+    (:func:`~iirp.runtime.deformation.warp_on_model_grid`, ``how`` = ``kernels``), else resampled by ITK
+    through the displacement field (``itk``)."""
+    if pair.pre_alignment is None:
+        warped = warp_on_model_grid(moving, flow, pair.grid, fixed)
+        warped_seg = warp_on_model_grid(moving_seg, flow, pair.grid, fixed, labels=True) if moving_seg else None
+        if warped is not None and (moving_seg is None or warped_seg is not None):
+            return warped, warped_seg, "kernels"
+    warped = apply_field(moving, fixed, field)
+    warped_seg = apply_field(moving_seg, fixed, field, labels=True) if moving_seg is not None else None
+    return warped, warped_seg, "itk"
 
 
 def _check_finite(trace: Any, source: str) -> None:

@@ -60,6 +60,7 @@ from iirp.kernels import cuda_build, cuda_ops
 from iirp.kernels import fused_ncc_score as cpu_score
 from iirp.kernels import upsample as cpu_upsample
 from iirp.kernels import warp as cpu_warp
+from iirp.kernels.resample import warp_labels as cpu_warp_labels
 from iirp.kernels.score import _ncc_from_sums
 
 pytestmark = pytest.mark.cudahost
@@ -448,16 +449,16 @@ def test_upsample_random_shapes(host: HostDevice, shape: tuple[int, int, int], f
 def _itk_nearest(labels: np.ndarray, flow: np.ndarray) -> np.ndarray:
     """ITK's nearest-neighbour rule on the index grid, computed independently of the kernel's arithmetic.
 
-    The sample point ``t = index + flow`` is a float32 sum (as in the kernel); then, exactly in float64,
-    the nearest index is ``floor(t + 1/2)`` (round half up) and the point is inside iff that index is in
+    The sample point ``t = index + flow`` is formed in float64 (exact, as ITK's double arithmetic is on an
+    index grid); then the nearest index is ``floor(t + 1/2)`` (round half up) and the point is inside iff that index is in
     ``[0, n)`` on every axis, i.e. ``-1/2 <= t < n - 1/2``; NaN and infinities are outside (label 0).
     """
-    idx = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in labels.shape], indexing="ij")
+    idx = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in labels.shape], indexing="ij")
     inside = np.ones(labels.shape, bool)
     nearest = []
     with np.errstate(invalid="ignore"):
         for c, n in enumerate(labels.shape):
-            t = (idx[c] + flow[c]).astype(np.float64)  # float32 sum, widened exactly
+            t = idx[c] + flow[c].astype(np.float64)  # exact
             r = np.floor(np.where(np.isfinite(t), t, -1.0) + 0.5)
             inside &= (r >= 0) & (r < n)
             nearest.append(np.clip(r, 0, n - 1).astype(np.int64))
@@ -489,7 +490,9 @@ def test_warp_labels(host: HostDevice, rng: np.random.Generator, dtype: Any, sha
     halves = (np.round(rng.uniform(-4, 4, (3, *shape)) * 2) / 2).astype(np.float32)  # exact .5 ties
     near_ties = (halves + rng.choice([-1, 1], halves.shape) * np.float32(2**-24)).astype(np.float32)
     for flow in (_flow(rng, shape), halves, near_ties):
-        assert_bits_equal(_host_labels(host, labels, flow), _itk_nearest(labels, flow))
+        expected = _itk_nearest(labels, flow)
+        assert_bits_equal(_host_labels(host, labels, flow), expected)
+        assert_bits_equal(cpu_warp_labels(labels, flow), expected)  # the numba twin, same rule
 
 
 def test_warp_labels_rounding_by_hand(host: HostDevice) -> None:
@@ -500,6 +503,17 @@ def test_warp_labels_rounding_by_hand(host: HostDevice) -> None:
         flow = np.zeros((3, 5, 1, 1), np.float32)
         flow[0, 0] = np.float32(target)
         assert _host_labels(host, labels, flow).reshape(-1).tolist() == [expected, 2, 3, 4, 5], target
+        assert cpu_warp_labels(labels, flow).reshape(-1).tolist() == [expected, 2, 3, 4, 5], target
+    # the sample point is formed exactly: 2 + 0.49999997f is 2.49999997 (-> index 2), although the float32
+    # sum would round onto the tie 2.5 (-> index 3); likewise 3 - 0.50000006f is 2.49999994 (-> index 2)
+    for voxel, target in ((2, 0.49999997), (3, -0.50000006)):
+        flow = np.zeros((3, 5, 1, 1), np.float32)
+        flow[0, voxel] = np.float32(target)
+        assert np.float32(voxel) + np.float32(target) == np.float32(2.5)  # what a float32 sum would round to
+        expected = [1, 2, 3, 4, 5]
+        expected[voxel] = 3
+        assert _host_labels(host, labels, flow).reshape(-1).tolist() == expected, (voxel, target)
+        assert cpu_warp_labels(labels, flow).reshape(-1).tolist() == expected, (voxel, target)
 
 
 @given(shape=st.tuples(*[st.integers(1, 7)] * 3), seed=st.integers(0, 2**32 - 1),

@@ -9,7 +9,13 @@ from support import rotation as _rotation
 
 sitk = pytest.importorskip("SimpleITK")
 
-from iirp.runtime.deformation import apply_field, displacement_field, flow_to_physical, folding_fraction  # noqa: E402
+from iirp.runtime.deformation import (  # noqa: E402
+    apply_field,
+    displacement_field,
+    flow_to_physical,
+    folding_fraction,
+    warp_on_model_grid,
+)
 from iirp.runtime.geometry import ModelGrid, array_from_image, image_from_array, orientation_direction  # noqa: E402
 
 RAS_DIRECTION = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
@@ -297,6 +303,54 @@ def test_apply_field_labels_keep_pixel_type_and_label_set(
     assert values.dtype == numpy_dtype
     assert set(np.unique(values)) <= {0, 3, 17, 200}
     assert {3, 17, 200} & set(np.unique(values))
+
+
+# --------------------------------------------------------------------------- warp_on_model_grid
+
+
+MODEL_GRID = ModelGrid((14, 12, 10), (1.0, 1.0, 1.0), (30.0, -20.0, 5.0), RAS_DIRECTION)
+
+
+@pytest.mark.parametrize("stored_as", ["RAS", "LPS", "PIL"])
+def test_warp_on_model_grid_equals_itk_through_the_field(stored_as: str) -> None:
+    # images on the model grid, possibly stored in another axis order (a lossless reorientation of it): the
+    # kernels give what ITK gives through the displacement field, edges included
+    flow = _smooth_flow(MODEL_GRID.size, amplitude=2.0, seed=3)
+    volume = _smooth_volume(MODEL_GRID.size, seed=4)
+    moving = sitk.DICOMOrient(_image(volume, MODEL_GRID), stored_as)
+    fixed = sitk.DICOMOrient(MODEL_GRID.reference_image(), stored_as)
+    fast = warp_on_model_grid(moving, flow, MODEL_GRID, fixed)
+    assert fast is not None
+    assert ModelGrid.of(fast) == ModelGrid.of(fixed)
+    assert fast.GetPixelID() == sitk.sitkFloat32
+    slow = apply_field(moving, fixed, displacement_field(flow, MODEL_GRID, fixed, None))
+    assert 0.05 < np.mean(array_from_image(slow) == 0) < 0.5  # some points fall outside
+    np.testing.assert_allclose(array_from_image(fast), array_from_image(slow), rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.uint8, np.int32])
+def test_warp_on_model_grid_labels_equal_itk_nearest(dtype: type) -> None:
+    rng = np.random.default_rng(5)
+    flow = _smooth_flow(MODEL_GRID.size, amplitude=2.5, seed=6)
+    labels = rng.integers(0, 50, MODEL_GRID.size).astype(dtype)
+    moving = sitk.DICOMOrient(_image(labels, MODEL_GRID), "LPI")
+    fixed = MODEL_GRID.reference_image()
+    fast = warp_on_model_grid(moving, flow, MODEL_GRID, fixed, labels=True)
+    assert fast is not None and fast.GetPixelID() == moving.GetPixelID()
+    slow = apply_field(moving, fixed, displacement_field(flow, MODEL_GRID, fixed, None), labels=True)
+    np.testing.assert_array_equal(array_from_image(fast, dtype=None), array_from_image(slow, dtype=None))
+
+
+def test_warp_on_model_grid_declines_off_grid_inputs() -> None:
+    flow = _smooth_flow(MODEL_GRID.size, seed=1)
+    volume = _smooth_volume(MODEL_GRID.size)
+    fixed = MODEL_GRID.reference_image()
+    shifted = ModelGrid(MODEL_GRID.size, MODEL_GRID.spacing, (30.5, -20.0, 5.0), MODEL_GRID.direction)
+    finer = ModelGrid((28, 12, 10), (0.5, 1.0, 1.0), MODEL_GRID.origin, MODEL_GRID.direction)
+    assert warp_on_model_grid(_image(volume, shifted), flow, MODEL_GRID, fixed) is None  # moving off the grid
+    assert warp_on_model_grid(_image(volume, MODEL_GRID), flow, MODEL_GRID, finer.reference_image()) is None
+    float_labels = _image(volume, MODEL_GRID)
+    assert warp_on_model_grid(float_labels, flow, MODEL_GRID, fixed, labels=True) is None  # not integer labels
 
 
 # --------------------------------------------------------------------------- folding_fraction

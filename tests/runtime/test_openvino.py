@@ -130,6 +130,37 @@ def test_outputs_are_never_overwritten_while_referenced(exported: tuple[dict, Pa
         assert len(backend.requests) == 2 and out["f1"].dtype == np.float32 and out["f1"].flags.c_contiguous
 
 
+def test_trim_frees_working_memory_but_keeps_held_outputs(exported: tuple[dict, Path]) -> None:
+    """``trim`` (after each level and each registration) drops the requests no output of which is held, and
+    OpenVINO's intermediate buffers; outputs still held stay intact and keep their request; results are
+    unchanged by it."""
+    import gc
+
+    folder = exported[1]
+    manifest = Manifest.load(folder)
+    a, b = _stage_inputs(manifest, 3), _stage_inputs(manifest, 4)
+    with OpenVinoBackend("feature_extractor", manifest, folder, "cpu", BackendOptions(precision="fp32")) as backend:
+        held = backend.infer(a["feature_extractor"])
+        kept = {k: v.copy() for k, v in held.items()}
+        dropped = backend.infer(b["feature_extractor"])
+        del dropped
+        gc.collect()
+        backend.trim()
+        assert len(backend.requests) == 1  # the held outputs' request
+        filler = [np.full(v.shape, 7.0, np.float32) for v in kept.values()]  # reuse any memory freed
+        again = backend.infer(b["feature_extractor"])  # a new request: the held one is busy
+        assert len(backend.requests) == 2
+        for name, value in held.items():
+            np.testing.assert_array_equal(value, kept[name])
+        fresh = backend.infer(a["feature_extractor"])  # after trim: same results as before it
+        for name, value in fresh.items():
+            np.testing.assert_array_equal(value, kept[name])
+        del held, again, fresh, filler, value
+        gc.collect()
+        backend.trim()
+        assert backend.requests == []
+
+
 @pytest.mark.parametrize("rule", ["official", "fixed:2,1,2,3"])
 def test_fp32_loop_matches_ort_and_torch(exported: tuple[dict, Path], pair, rule: str) -> None:
     data, folder = exported

@@ -81,18 +81,20 @@ __global__ void __launch_bounds__(256) iirp_compose(const float* __restrict__ ph
     }
 }
 
-// Nearest index along one axis, rounding half up: r = floor(t + 1/2), computed
-// exactly as floor(t) + (t - floor(t) >= 1/2) (t + 0.5f itself can round up,
-// e.g. 0.49999997f + 0.5f == 1.0f). Returns -1 when r is outside [0, n), i.e.
-// unless -1/2 <= t < n - 1/2; NaN and infinities are outside. This is ITK's
-// nearest-neighbour rule (RoundHalfIntegerUp plus its continuous-index inside test).
-__device__ __forceinline__ int iirp_nearest_index(float t, int n)
+// Nearest index along one axis, rounding half up: r = floor(t + 1/2), with t =
+// index + flow formed in double, where the sum of an int and a float is exact, so
+// the rounding is the exact one (a float32 sum could itself round onto or off a
+// half-voxel tie). Returns -1 when r is outside [0, n), i.e. unless
+// -1/2 <= t < n - 1/2; NaN and infinities are outside. This is ITK's
+// nearest-neighbour rule (RoundHalfIntegerUp plus its continuous-index inside test),
+// which ITK evaluates in double.
+__device__ __forceinline__ int iirp_nearest_index(double t, int n)
 {
-    if (!(t >= -0.5f && t < (float)n - 0.5f)) {
+    if (!(t >= -0.5 && t < (double)n - 0.5)) {
         return -1;
     }
-    const float f = floorf(t);
-    return (int)f + (t - f >= 0.5f ? 1 : 0);
+    const double f = floor(t);
+    return (int)f + (t - f >= 0.5 ? 1 : 0);
 }
 
 // out[p] = labels[round(p + flow[:, p])] with round-half-up per axis, and 0
@@ -112,8 +114,8 @@ __global__ void __launch_bounds__(256) iirp_warp_nearest(const L* __restrict__ l
     const int x = p.x;
     const int y = p.y;
     const int z = p.z;
-    const int i = iirp_nearest_index((float)x + flow[v], nx);
-    const int j = iirp_nearest_index((float)y + flow[n + v], ny);
-    const int k = iirp_nearest_index((float)z + flow[2 * n + v], nz);
+    const int i = iirp_nearest_index((double)x + (double)flow[v], nx);
+    const int j = iirp_nearest_index((double)y + (double)flow[n + v], ny);
+    const int k = iirp_nearest_index((double)z + (double)flow[2 * n + v], nz);
     out[v] = (i < 0 || j < 0 || k < 0) ? (L)0 : labels[(i * ny + j) * nz + k];
 }

@@ -248,6 +248,18 @@ class OpenVinoBackend(Backend):
         for attr in ("requests", "output_ports", "compiled"):
             self.__dict__.pop(attr, None)
 
+    def trim(self) -> None:
+        """Drops the infer requests none of whose outputs is still viewed (their output tensors go with them),
+        then ``CompiledModel.release_memory()`` frees the intermediate buffers; OpenVINO allocates both again
+        on the next call. Output tensors that returned arrays may still view are kept."""
+        requests = self.__dict__.get("requests")
+        if requests is not None:
+            requests[:] = [(request, leases) for request, leases in requests
+                           if any(ref() is not None for ref in leases)]
+        compiled = self.__dict__.get("compiled")
+        if compiled is not None and hasattr(compiled, "release_memory"):  # OpenVINO >= 2024.3
+            compiled.release_memory()
+
     def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         request, leases = self._free_request()
         result = request.infer(feeds, share_inputs=True, share_outputs=True)
@@ -400,6 +412,7 @@ class OpenVinoStage(Backend):
         for name, backend in entered.items():
             if name != best:
                 backend.__exit__(None, None, None)
+        entered[best].trim()  # the measuring runs' working memory
         record = {"backend": best, "min_ms": {n: round(min(v), 3) for n, v in ms.items()},
                   "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
         if cache is not None:
@@ -428,6 +441,11 @@ class OpenVinoStage(Backend):
 
     def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.inner._infer(feeds)
+
+    def trim(self) -> None:
+        inner = self.__dict__.get("inner")
+        if inner is not None:
+            inner.trim()
 
     @property
     def loaded_from_cache(self) -> Optional[bool]:
