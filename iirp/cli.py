@@ -56,7 +56,8 @@ def run(
     engines: Optional[Path] = typer.Option(None, "--engines", help="Folder written by iirp-export."),
     engine: Optional[str] = typer.Option(
         None, "--engine",
-        help="reference | torch | ort | openvino | trt (default: reference with --checkpoint, ort with --engines)."),
+        help="reference | torch | ort | openvino | trt (default: reference with --checkpoint, ort with --engines, "
+             "the fastest installed with --demo)."),
     device: Optional[str] = typer.Option(
         None, "--device", help="cpu | cuda | cuda:N (default: cuda for --engine trt, else cpu)."),
     precision: str = typer.Option(
@@ -95,7 +96,7 @@ def run(
     from iirp.cli_cohort import CohortRequest
     from iirp.runtime import RegistrationOptions
     from iirp.runtime.solver_spec import SolverSpec
-    from iirp.runtime.solvers import default_device, default_engine
+    from iirp.runtime.solvers import default_device, default_engine, fastest_cpu_engine
 
     cohort = CohortRequest(resume, shard, ray, workers, gpus_per_worker, cpus_per_worker)
     if merge_summaries is not None:
@@ -113,7 +114,7 @@ def run(
         if fixed is not None or moving is not None or pairs is not None or checkpoint is not None \
                 or engines is not None or moving_seg is not None:
             _fail("iirp-run", "--demo takes no images, --pairs, --moving-seg, --checkpoint or --engines", verbose)
-        _run_demo(Path(out or "iirp-demo"), engine or "ort", verbose, as_json)
+        _run_demo(Path(out or "iirp-demo"), engine or fastest_cpu_engine(), verbose, as_json)
         return
     if out is None:
         _fail("iirp-run", "missing option -o/--out (the output folder)", verbose)
@@ -189,6 +190,7 @@ def demo_summary(result: dict) -> list[str]:
     sec = result["seconds"]
     return [
         "demo: ICBM 2009a template (64x80x64, 2.5 mm) against a copy warped by a known smooth deformation",
+        f"engine: {result['report']['engine']} ({result['report']['precision']})  "
         f"iterations (levels 4..1): {result['iterations']}  estimator passes: {result['estimator_passes']}",
         f"end-point error in the brain: {eb['mm']:.2f} mm ({eb['voxels']:.2f} voxels) before, "
         f"{ea['mm']:.2f} mm ({ea['voxels']:.2f} voxels) after",

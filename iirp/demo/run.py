@@ -18,7 +18,7 @@ import os
 import time
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import SimpleITK as sitk
@@ -142,7 +142,7 @@ def _demo_entry(entry: Path) -> bool:
     return entry.name in REGISTRATION_OUTPUTS and entry.is_file() and not entry.is_symlink()
 
 
-def run_demo(out_dir: PathLike, engine: str = "ort", progress: bool = True) -> dict[str, Any]:
+def run_demo(out_dir: PathLike, engine: Optional[str] = None, progress: bool = True) -> dict[str, Any]:
     """Register the demo pair and score it against the known deformation.
 
     Writes the usual ``iirp-run`` outputs in ``out_dir`` (``warped.nii.gz``, ``displacement.nii.gz``,
@@ -152,7 +152,8 @@ def run_demo(out_dir: PathLike, engine: str = "ort", progress: bool = True) -> d
 
     Args:
         out_dir: output folder (created).
-        engine: runtime engine over the exported stages (``ort``; ``torch`` / ``trt`` as ``iirp-run``).
+        engine: runtime engine over the exported stages (default: the fastest installed,
+            :func:`~iirp.runtime.solvers.fastest_cpu_engine`; any engine of ``iirp-run``).
         progress: show the export's progress (first run only).
 
     Returns:
@@ -177,7 +178,9 @@ def run_demo(out_dir: PathLike, engine: str = "ort", progress: bool = True) -> d
     out = check_output_dir(out_dir, overwrite=True, owned=_demo_entry)
     engines = demo_engines(progress)
     t1 = time.perf_counter()
-    solver = make_solver(engine, engines=engines)
+    from iirp.runtime.solvers import fastest_cpu_engine
+
+    solver = make_solver(engine or fastest_cpu_engine(), engines=engines)
     options = RegistrationOptions()  # the 2.5 mm grid comes from the engines' manifest
     with tempfile.TemporaryDirectory(prefix="iirp-demo-") as tmp:
         made = make_demo_pair(tmp)
