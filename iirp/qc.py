@@ -117,15 +117,14 @@ def write_qc_png(
         title: a line above the panels (pair, method, iterations...).
     """
     import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
     from matplotlib.colors import TwoSlopeNorm
+    from matplotlib.figure import Figure  # not pyplot: no GUI backend, no global figure state, faster import
 
     data = qc_slices(fixed, moving_before, warped, field)
     lo, hi = np.percentile(data["fixed"], [1.0, 99.5])
     hi = hi if hi > lo else lo + 1.0
-    fig, axes = plt.subplots(3, 6, figsize=(21, 11), squeeze=False)
+    fig = Figure(figsize=(21, 11))
+    axes = fig.subplots(3, 6, squeeze=False)
     fig.subplots_adjust(left=0.03, right=0.9, bottom=0.04, top=0.9, wspace=0.12, hspace=0.22)
     jac_image = None
     for row, view in enumerate(_VIEWS):
@@ -172,7 +171,4 @@ def write_qc_png(
         fig.colorbar(jac_image, ax=axes[:, 5].tolist(), fraction=0.05, label="det J (magenta: <= 0)")
     if title:
         fig.suptitle(title, fontsize=12)
-    try:
-        write_file(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
-    finally:
-        plt.close(fig)
+    write_file(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
