@@ -25,8 +25,8 @@ import numpy as np
 from numba import njit, prange
 
 from iirp.kernels._checks import as_float32, check_factor, check_ndim, check_shape
-from iirp.kernels.upsample import _blend_xy, _flow_planes
-from iirp.kernels.warp import _axis, _inside, _lerp3
+from iirp.kernels.upsample import _blend_rows, _flow_planes
+from iirp.kernels.warp import _NF, _NI, CHUNK, _check_size, _corners, _gather, _tile_width
 
 __all__ = ["ncc", "fused_ncc_score"]
 
@@ -72,55 +72,85 @@ def _centered_sums(a, b, ma, mb):  # pragma: no cover - compiled
     return partials
 
 
-@njit(cache=True, fastmath=False)
-def _fused_slab(moving, fixed, planes, xi0, xi1, xw0, xw1, yi0, yi1, yw0, yw1, factor, x):  # pragma: no cover
-    """Sums of a, b, a*a, b*b, a*b (float64) over the slab ``x`` of the fused score (serial)."""
+@njit(fastmath=False)
+def _score_tile(moving, fixed, planes, xi0, xi1, xw0, xw1, yi0, yi1, yw0, yw1, factor,
+                x_start, x_stop, partials):  # pragma: no cover - compiled
+    """Rows ``partials[x]`` (sums of a, b, a*a, b*b, a*b) for the slabs ``x_start <= x < x_stop``.
+
+    Each slab sums into ``CHUNK`` float64 lanes per moment (lane t takes the
+    voxels at z = t, t + CHUNK, ... of every row, rows in y order); the lanes are
+    then added in lane order. The order depends only on the shape, not on the
+    tiling or the thread count.
+    """
     nx, ny, nz = moving.shape
-    i0, i1, wx0, wx1 = xi0[x], xi1[x], xw0[x], xw1[x]
-    fx = np.float32(x)
-    sa = 0.0
-    sb = 0.0
-    saa = 0.0
-    sbb = 0.0
-    sab = 0.0
+    flat = moving.reshape(nx * ny * nz)
+    fb = np.empty((_NF, CHUNK), np.float32)
+    ib = np.empty((_NI, CHUNK), np.uint32)
+    g = np.empty((8, CHUNK), np.float32)
+    acc = np.zeros((x_stop - x_start, 5, CHUNK), np.float64)
+    one = np.float32(1.0)
     for y in range(ny):
         j0, j1, wy0, wy1 = yi0[y], yi1[y], yw0[y], yw1[y]
         fy = np.float32(y)
-        for z in range(nz):
-            # the upsampled flow at (x, y, z), as upsample() writes it (vectors scaled by the factor)
-            u0, u1, u2 = _blend_xy(planes, i0, i1, j0, j1, wx0, wx1, wy0, wy1, z)
-            px = fx + factor * u0
-            py = fy + factor * u1
-            pz = np.float32(z) + factor * u2
-            b = np.float64(fixed[x, y, z])
-            sb += b
-            sbb += b * b
-            if _inside(px, py, pz, nx, ny, nz):
-                m0, m1, vx0, vx1 = _axis(px, nx)
-                n0, n1, vy0, vy1 = _axis(py, ny)
-                k0, k1, vz0, vz1 = _axis(pz, nz)
-                a = np.float64(_lerp3(moving, m0, m1, n0, n1, k0, k1, vx0, vx1, vy0, vy1, vz0, vz1))
-                sa += a
-                saa += a * a
-                sab += a * b
-    return sa, sb, saa, sbb, sab
+        for x in range(x_start, x_stop):
+            i0, i1, wx0, wx1 = xi0[x], xi1[x], xw0[x], xw1[x]
+            fx = np.float32(x)
+            lanes = acc[x - x_start]
+            for z0 in range(0, nz, CHUNK):
+                n = min(CHUNK, nz - z0)
+                z1 = z0 + n
+                # the upsampled flow along the chunk, unscaled, exactly as upsample() blends it
+                for c in range(3):
+                    _blend_rows(planes[c, i0, j0, z0:z1], planes[c, i0, j1, z0:z1], planes[c, i1, j0, z0:z1],
+                                planes[c, i1, j1, z0:z1], wx0, wx1, wy0, wy1, fb[c, :n], one)
+                # sample points; the blended flow is scaled by the factor (a voxel-unit flow follows its grid)
+                for t in range(n):
+                    fb[0, t] = fx + factor * fb[0, t]
+                    fb[1, t] = fy + factor * fb[1, t]
+                    fb[2, t] = np.float32(z0 + t) + factor * fb[2, t]
+                _corners(fb, ib, n, nx, ny, nz)
+                _gather(flat, np.uint64(0), ib, g, n)
+                b_row = fixed[x, y, z0:z1]
+                for t in range(n):
+                    wy0_ = fb[5, t]
+                    wy1_ = fb[6, t]
+                    wz0 = fb[7, t]
+                    wz1 = fb[8, t]
+                    v00 = wz0 * g[0, t] + wz1 * g[1, t]
+                    v01 = wz0 * g[2, t] + wz1 * g[3, t]
+                    v10 = wz0 * g[4, t] + wz1 * g[5, t]
+                    v11 = wz0 * g[6, t] + wz1 * g[7, t]
+                    inside = fb[9, t] != np.float32(0.0)
+                    a = np.float64(fb[3, t] * (wy0_ * v00 + wy1_ * v01) + fb[4, t] * (wy0_ * v10 + wy1_ * v11))
+                    b = np.float64(b_row[t])
+                    lanes[0, t] += a if inside else 0.0
+                    lanes[1, t] += b
+                    lanes[2, t] += a * a if inside else 0.0
+                    lanes[3, t] += b * b
+                    lanes[4, t] += a * b if inside else 0.0
+    for x in range(x_start, x_stop):
+        for k in range(5):
+            s = 0.0
+            for t in range(CHUNK):
+                s += acc[x - x_start, k, t]
+            partials[x, k] = s
 
 
 @njit(parallel=True, cache=True, fastmath=False)
-def _fused_sums(moving, fixed, planes, xi0, xi1, xw0, xw1, yi0, yi1, yw0, yw1, factor):  # pragma: no cover
+def _fused_sums(moving, fixed, planes, xi0, xi1, xw0, xw1, yi0, yi1, yw0, yw1, factor, tile):  # pragma: no cover
     """Per-slab sums of a, b, a*a, b*b, a*b (float64), ``a = warp(moving, factor * blend(planes))``, ``b = fixed``.
 
     ``moving`` and ``fixed`` are ``(X, Y, Z)``; ``planes`` the z-resized coarse flow
     ``(3, x, y, Z)``; the x and y tables come from ``upsample._axis_table``.
-    Parallel over slabs x; returns ``(X, 5)`` partials, one row per slab, which
-    the caller adds in a fixed order (independent of the thread count).
+    Parallel over tiles of ``tile`` slabs; returns ``(X, 5)`` partials, one row
+    per slab (see :func:`_score_tile`), which the caller adds in a fixed order.
     """
     nx = moving.shape[0]
     partials = np.zeros((nx, 5), dtype=np.float64)
-    for x in prange(nx):
-        sums = _fused_slab(moving, fixed, planes, xi0, xi1, xw0, xw1, yi0, yi1, yw0, yw1, factor, x)
-        for k in range(5):
-            partials[x, k] = sums[k]
+    n_tiles = (nx + tile - 1) // tile
+    for k in prange(n_tiles):
+        _score_tile(moving, fixed, planes, xi0, xi1, xw0, xw1, yi0, yi1, yw0, yw1, factor,
+                    k * tile, min(nx, (k + 1) * tile), partials)
     return partials
 
 
@@ -226,7 +256,8 @@ def fused_ncc_score(moving: Any, fixed: Any, flow: Any, factor: int) -> float:
     n = moving.size
     if n < 2:
         raise ValueError(f"fused_ncc_score() 'moving' needs at least 2 voxels, got shape {tuple(moving.shape)}")
+    _check_size("fused_ncc_score", moving.shape)
     planes, tx, ty = _flow_planes(flow, factor)
     # the blended flow is scaled by the factor inside the kernel (voxel-unit flow follows its grid)
-    partials = _fused_sums(moving, fixed, planes, *tx, *ty, np.float32(factor))
+    partials = _fused_sums(moving, fixed, planes, *tx, *ty, np.float32(factor), _tile_width(moving.shape[0]))
     return _ncc_from_sums(n, *_total(partials))

@@ -13,7 +13,7 @@ Flows are ``(3, x, y, z)`` float32 displacements in voxels of their own grid,
 component c along array axis c (see :mod:`iirp.runtime.geometry`). Since a
 voxel-unit flow is measured on its grid, upsampling scales the vectors by s.
 
-The helpers :func:`_axis_table`, :func:`_zlerp_planes` and :func:`_blend_xy`
+The helpers :func:`_axis_table`, :func:`_zlerp_planes` and :func:`_blend_rows`
 are shared with :mod:`iirp.kernels.score`, so the fused score sees exactly the
 upsampled flow that :func:`upsample` writes.
 """
@@ -26,6 +26,7 @@ import numpy as np
 from numba import njit, prange
 
 from iirp.kernels._checks import as_float32, check_factor, check_ndim, check_out, check_shape
+from iirp.kernels.warp import _work_buffer
 
 __all__ = ["upsample", "upsample2"]
 
@@ -57,61 +58,61 @@ def _axis_table(n: int, size: int) -> _Table:
 
 
 @njit(cache=True, fastmath=False)
-def _zlerp_planes(flow, k0, k1, wz0, wz1):  # pragma: no cover - compiled
-    """Resize along z only: ``(3, x, y, z) -> (3, x, y, Z)`` (the innermost blend).
+def _zlerp_planes(flow, k0, k1, wz0, wz1, planes):  # pragma: no cover - compiled
+    """Resize along z only: ``(3, x, y, z) -> planes (3, x, y, Z)`` (the innermost blend), written in place.
 
     Serial: it touches 1/factor² of the output voxels (about 2 ms at full size
     for factor 2), and a parallel loop would cost seconds more of compilation.
     """
     nc, nx, ny, _ = flow.shape
     nz = k0.shape[0]
-    planes = np.empty((nc, nx, ny, nz), dtype=np.float32)
     for x in range(nx):
         for c in range(nc):
             for y in range(ny):
                 for z in range(nz):
                     planes[c, x, y, z] = wz0[z] * flow[c, x, y, k0[z]] + wz1[z] * flow[c, x, y, k1[z]]
-    return planes
 
 
-@njit(cache=True)
-def _blend_xy(planes, i0, i1, j0, j1, wx0, wx1, wy0, wy1, z):  # pragma: no cover - compiled
-    """Blend z-resized planes over y then x at one output voxel: the 3 trilinear components, unscaled."""
-    u0 = wx0 * (wy0 * planes[0, i0, j0, z] + wy1 * planes[0, i0, j1, z]) + wx1 * (
-        wy0 * planes[0, i1, j0, z] + wy1 * planes[0, i1, j1, z]
-    )
-    u1 = wx0 * (wy0 * planes[1, i0, j0, z] + wy1 * planes[1, i0, j1, z]) + wx1 * (
-        wy0 * planes[1, i1, j0, z] + wy1 * planes[1, i1, j1, z]
-    )
-    u2 = wx0 * (wy0 * planes[2, i0, j0, z] + wy1 * planes[2, i0, j1, z]) + wx1 * (
-        wy0 * planes[2, i1, j0, z] + wy1 * planes[2, i1, j1, z]
-    )
-    return u0, u1, u2
+@njit(inline="always")
+def _blend_rows(p00, p01, p10, p11, wx0, wx1, wy0, wy1, row, scale):  # pragma: no cover - compiled
+    """``row[z] = scale * (wx0 * (wy0 * p00[z] + wy1 * p01[z]) + wx1 * (wy0 * p10[z] + wy1 * p11[z]))``.
+
+    The y-then-x blend of four z-resized plane rows for one output row (one flow
+    component at fixed x, y), float32 in exactly that order: the arithmetic of the
+    per-voxel ``_blend_xy`` of e109593 and of ``upsample.cu``, done a row at a time
+    so the loop vectorizes. ``upsample`` scales by the factor; the fused score
+    passes ``scale = 1`` and scales the blend itself when it forms the sample point
+    (``1 * v`` is ``v`` bit for bit).
+    """
+    for z in range(row.shape[0]):
+        row[z] = scale * (wx0 * (wy0 * p00[z] + wy1 * p01[z]) + wx1 * (wy0 * p10[z] + wy1 * p11[z]))
 
 
 @njit(parallel=True, cache=True, fastmath=False)
 def _upsample_kernel(planes, xi0, xi1, xw0, xw1, yi0, yi1, yw0, yw1, factor, out):  # pragma: no cover
-    """``out[:, x, y, z] = factor * blend`` over z-resized ``planes``; prange over x."""
-    _, nx, ny, nz = out.shape
+    """``out[c, x, y, :] = factor * blend`` of four z-resized ``planes`` rows (:func:`_blend_rows`); prange over x."""
+    _, nx, ny, _ = out.shape
     for x in prange(nx):
         i0, i1, wx0, wx1 = xi0[x], xi1[x], xw0[x], xw1[x]
         for y in range(ny):
             j0, j1, wy0, wy1 = yi0[y], yi1[y], yw0[y], yw1[y]
-            for z in range(nz):
-                u0, u1, u2 = _blend_xy(planes, i0, i1, j0, j1, wx0, wx1, wy0, wy1, z)
-                out[0, x, y, z] = factor * u0
-                out[1, x, y, z] = factor * u1
-                out[2, x, y, z] = factor * u2
+            for c in range(3):
+                _blend_rows(planes[c, i0, j0], planes[c, i0, j1], planes[c, i1, j0], planes[c, i1, j1],
+                            wx0, wx1, wy0, wy1, out[c, x, y], factor)
 
 
 def _flow_planes(flow: np.ndarray, factor: int) -> tuple[np.ndarray, _Table, _Table]:
     """Z-resized planes ``(3, x, y, factor*z)`` plus the x and y tables (internal, shared with score).
 
-    For ``factor == 1`` the planes are ``flow`` itself (the z resize is the identity).
+    For ``factor == 1`` the planes are ``flow`` itself (the z resize is the identity);
+    otherwise they live in a work buffer of this thread, valid until the next call.
     """
     _, nx, ny, nz = flow.shape
     tx, ty, tz = (_axis_table(n, factor * n) for n in (nx, ny, nz))
-    planes = flow if factor == 1 else _zlerp_planes(flow, *tz)
+    if factor == 1:
+        return flow, tx, ty
+    planes = _work_buffer("planes", 3 * nx * ny * factor * nz).reshape((3, nx, ny, factor * nz))
+    _zlerp_planes(flow, *tz, planes)
     return planes, tx, ty
 
 
