@@ -110,7 +110,7 @@ def _score_tile(moving, fixed, planes, xi0, xi1, xw0, xw1, yi0, yi1, yw0, yw1, f
                     fb[2, t] = np.float32(z0 + t) + factor * fb[2, t]
                 _corners(fb, ib, n, nx, ny, nz)
                 _gather(flat, np.uint64(0), ib, g, n)
-                b_row = fixed[x, y, z0:z1]
+                # a = the trilinear sample (float32), as warp() computes it; kept in g[0]
                 for t in range(n):
                     wy0_ = fb[5, t]
                     wy1_ = fb[6, t]
@@ -120,8 +120,12 @@ def _score_tile(moving, fixed, planes, xi0, xi1, xw0, xw1, yi0, yi1, yw0, yw1, f
                     v01 = wz0 * g[2, t] + wz1 * g[3, t]
                     v10 = wz0 * g[4, t] + wz1 * g[5, t]
                     v11 = wz0 * g[6, t] + wz1 * g[7, t]
+                    g[0, t] = fb[3, t] * (wy0_ * v00 + wy1_ * v01) + fb[4, t] * (wy0_ * v10 + wy1_ * v11)
+                # float64 moments; a point without a corner inside contributes b only (a = 0 terms are skipped)
+                b_row = fixed[x, y, z0:z1]
+                for t in range(n):
                     inside = fb[9, t] != np.float32(0.0)
-                    a = np.float64(fb[3, t] * (wy0_ * v00 + wy1_ * v01) + fb[4, t] * (wy0_ * v10 + wy1_ * v11))
+                    a = np.float64(g[0, t])
                     b = np.float64(b_row[t])
                     lanes[0, t] += a if inside else 0.0
                     lanes[1, t] += b

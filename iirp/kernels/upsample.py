@@ -26,7 +26,7 @@ import numpy as np
 from numba import njit, prange
 
 from iirp.kernels._checks import as_float32, check_factor, check_ndim, check_out, check_shape
-from iirp.kernels.warp import _work_buffer
+from iirp.kernels.warp import _launch, _work_buffer
 
 __all__ = ["upsample", "upsample2"]
 
@@ -153,7 +153,7 @@ def upsample(flow: np.ndarray, factor: int, *, out: Optional[np.ndarray] = None)
         return result
     planes, tx, ty = _flow_planes(flow, factor)
     # a voxel-unit flow is rescaled with its grid: multiply by the factor
-    _upsample_kernel(planes, *tx, *ty, np.float32(factor), result)
+    _launch(_upsample_kernel, result.size, planes, *tx, *ty, np.float32(factor), result)
     return result
 
 

@@ -41,7 +41,7 @@ bit as :func:`warp` does.
 from __future__ import annotations
 
 import threading
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import numba
 import numpy as np
@@ -66,6 +66,9 @@ _TILE = 16
 LANES = 16
 #: Feature maps with at least this many channels are warped through a channels-last copy.
 _CL_MIN_CHANNELS = 8
+#: Calls that produce fewer values run on the calling thread only: waking numba's worker
+#: threads costs more than such a call (milliseconds on a busy machine with the omp layer).
+_SERIAL_WORK = 2**19
 
 _ONE = np.float32(1.0)
 _ZERO = np.float32(0.0)
@@ -89,11 +92,13 @@ def _corners(fb, ib, n, nx, ny, nz):  # pragma: no cover - compiled
     fnx = np.float32(nx)
     fny = np.float32(ny)
     fnz = np.float32(nz)
-    nx1 = np.int32(nx - 1)
-    ny1 = np.int32(ny - 1)
-    nz1 = np.int32(nz - 1)
-    sy = np.int32(nz)
+    # corner indices are handled as exact float32 integers (axes are shorter than 2**24) and
+    # offsets as 32-bit integers: numba would widen int32 arithmetic to int64, which AVX2 lacks
+    lx = np.float32(nx - 1)
+    ly = np.float32(ny - 1)
+    lz = np.float32(nz - 1)
     sx = np.int32(ny * nz)
+    sy = np.int32(nz)
     for t in range(n):
         px = fb[0, t]
         py = fb[1, t]
@@ -102,33 +107,32 @@ def _corners(fb, ib, n, nx, ny, nz):  # pragma: no cover - compiled
         px = px if inside else _ZERO
         py = py if inside else _ZERO
         pz = pz if inside else _ZERO
+        # per axis: f = floor(t), w1 = t - f, w0 = 1 - w1, i0 = f, i1 = f + 1; an index
+        # outside [0, n) is clamped and its weight zeroed (i0 == -1 or i1 == n)
         f = np.floor(px)
         wx1 = px - f
         wx0 = _ONE - wx1
-        i0 = np.int32(f)
-        i1 = i0 + np.int32(1)
-        wx0 = _ZERO if i0 < 0 else wx0
-        i0 = np.int32(0) if i0 < 0 else i0
-        wx1 = _ZERO if i1 > nx1 else wx1
-        i1 = nx1 if i1 > nx1 else i1
+        g = f + _ONE
+        wx0 = _ZERO if f < _ZERO else wx0
+        wx1 = _ZERO if g > lx else wx1
+        i0 = np.int32(_ZERO if f < _ZERO else f)
+        i1 = np.int32(lx if g > lx else g)
         f = np.floor(py)
         wy1 = py - f
         wy0 = _ONE - wy1
-        j0 = np.int32(f)
-        j1 = j0 + np.int32(1)
-        wy0 = _ZERO if j0 < 0 else wy0
-        j0 = np.int32(0) if j0 < 0 else j0
-        wy1 = _ZERO if j1 > ny1 else wy1
-        j1 = ny1 if j1 > ny1 else j1
+        g = f + _ONE
+        wy0 = _ZERO if f < _ZERO else wy0
+        wy1 = _ZERO if g > ly else wy1
+        j0 = np.int32(_ZERO if f < _ZERO else f)
+        j1 = np.int32(ly if g > ly else g)
         f = np.floor(pz)
         wz1 = pz - f
         wz0 = _ONE - wz1
-        k0 = np.int32(f)
-        k1 = k0 + np.int32(1)
-        wz0 = _ZERO if k0 < 0 else wz0
-        k0 = np.int32(0) if k0 < 0 else k0
-        wz1 = _ZERO if k1 > nz1 else wz1
-        k1 = nz1 if k1 > nz1 else k1
+        g = f + _ONE
+        wz0 = _ZERO if f < _ZERO else wz0
+        wz1 = _ZERO if g > lz else wz1
+        k0 = np.int32(_ZERO if f < _ZERO else f)
+        k1 = np.int32(lz if g > lz else g)
         fb[3, t] = wx0
         fb[4, t] = wx1
         fb[5, t] = wy0
@@ -136,10 +140,14 @@ def _corners(fb, ib, n, nx, ny, nz):  # pragma: no cover - compiled
         fb[7, t] = wz0
         fb[8, t] = wz1
         fb[9, t] = _ONE if inside else _ZERO
-        ib[0, t] = np.uint32(i0 * sx + j0 * sy + k0)
-        ib[1, t] = np.uint32(i0 * sx + j1 * sy + k0)
-        ib[2, t] = np.uint32(i1 * sx + j0 * sy + k0)
-        ib[3, t] = np.uint32(i1 * sx + j1 * sy + k0)
+        r0 = np.uint32(i0 * sx + k0)
+        r1 = np.uint32(i1 * sx + k0)
+        q0 = np.uint32(j0 * sy)
+        q1 = np.uint32(j1 * sy)
+        ib[0, t] = r0 + q0
+        ib[1, t] = r0 + q1
+        ib[2, t] = r1 + q0
+        ib[3, t] = r1 + q1
         ib[4, t] = np.uint32(k1 - k0)
 
 
@@ -334,6 +342,21 @@ def _tile_width(nx: int) -> int:
     return max(1, -(-nx // tiles))
 
 
+def _launch(kernel: Callable[..., Any], work: int, *args: Any) -> Any:
+    """``kernel(*args)``, on the calling thread alone when ``work`` (values written) is below :data:`_SERIAL_WORK`.
+
+    The result does not depend on the thread count; only the wall time does.
+    """
+    threads = numba.get_num_threads()
+    if work >= _SERIAL_WORK or threads == 1:
+        return kernel(*args)
+    numba.set_num_threads(1)
+    try:
+        return kernel(*args)
+    finally:
+        numba.set_num_threads(threads)
+
+
 def _check_size(func: str, spatial: tuple[int, ...]) -> None:
     n = int(np.prod(spatial))
     if n > _MAX_VOXELS:
@@ -377,9 +400,9 @@ def warp(src: np.ndarray, flow: np.ndarray, *, out: Optional[np.ndarray] = None)
     out4 = result.reshape(src4.shape)
     if src4.shape[0] >= _CL_MIN_CHANNELS:
         cl = _work_buffer("channels_last", src4.size + LANES)
-        _warp_cl_kernel(src4, flow, out4, cl, _tile_width(spatial[0]))
+        _launch(_warp_cl_kernel, src4.size, src4, flow, out4, cl, _tile_width(spatial[0]))
     else:
-        _warp_kernel(src4, flow, out4, False, _tile_width(spatial[0]))
+        _launch(_warp_kernel, src4.size, src4, flow, out4, False, _tile_width(spatial[0]))
     return result
 
 
@@ -415,5 +438,5 @@ def compose(phi: np.ndarray, du: np.ndarray, *, out: Optional[np.ndarray] = None
     check_shape("compose", "du", du, phi.shape)
     result = check_out("compose", out, phi.shape, {"phi": phi, "du": du})
     _check_size("compose", phi.shape[1:])
-    _warp_kernel(phi, du, result, True, _tile_width(phi.shape[1]))
+    _launch(_warp_kernel, phi.size, phi, du, result, True, _tile_width(phi.shape[1]))
     return result
