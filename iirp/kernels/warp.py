@@ -237,8 +237,9 @@ def _warp_cl_tile(cl, flow, out, x_start, x_stop):  # pragma: no cover - compile
     ``cl`` holds ``src[c, i, j, k]`` at ``((i * Y + j) * Z + k) * C + c`` plus :data:`LANES`
     spare values. Per voxel the 8 corner vectors of C channels are blended in one
     loop over ``max(C, LANES)`` lanes (vectorized; lanes past C read the next
-    voxel's channels and are dropped), into a chunk buffer that is then written
-    out channel by channel. Same per-channel arithmetic as :func:`_warp_tile`.
+    voxel's channels and are dropped), into a chunk buffer (zeros for a point
+    without a corner inside) that is then written out channel by channel. Same
+    per-channel arithmetic as :func:`_warp_tile`.
     """
     nc, nx, ny, nz = out.shape
     fb = np.empty((_NF, CHUNK), np.float32)
@@ -261,7 +262,10 @@ def _warp_cl_tile(cl, flow, out, x_start, x_stop):  # pragma: no cover - compile
                     fb[2, t] = np.float32(z0 + t) + u2[t]
                 _corners(fb, ib, n, nx, ny, nz)
                 for t in range(n):
-                    if fb[9, t] == _ZERO:
+                    base = np.uint64(t) * unc
+                    if fb[9, t] == _ZERO:  # no corner inside: zeros
+                        for c in range(lanes):
+                            tmp[base + c] = _ZERO
                         continue
                     wx0 = fb[3, t]
                     wx1 = fb[4, t]
@@ -278,7 +282,6 @@ def _warp_cl_tile(cl, flow, out, x_start, x_stop):  # pragma: no cover - compile
                     b1 = b0 + dk
                     c1 = c0 + dk
                     d1 = d0 + dk
-                    base = np.uint64(t) * unc
                     for c in range(lanes):
                         v00 = wz0 * cl[a0 + c] + wz1 * cl[a1 + c]
                         v01 = wz0 * cl[b0 + c] + wz1 * cl[b1 + c]
@@ -287,9 +290,8 @@ def _warp_cl_tile(cl, flow, out, x_start, x_stop):  # pragma: no cover - compile
                         tmp[base + c] = wx0 * (wy0 * v00 + wy1 * v01) + wx1 * (wy0 * v10 + wy1 * v11)
                 for c in range(nc):
                     row = out[c, x, y, z0:z0 + n]
-                    uc = np.uint64(c)
                     for t in range(n):
-                        row[t] = tmp[np.uint64(t) * unc + uc] if fb[9, t] != _ZERO else _ZERO
+                        row[t] = tmp[t * nc + c]
 
 
 @njit(parallel=True, cache=True, fastmath=False)
