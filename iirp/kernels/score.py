@@ -25,7 +25,7 @@ import numpy as np
 from numba import njit, prange
 
 from iirp.kernels._checks import as_float32, check_factor, check_ndim, check_shape
-from iirp.kernels.upsample import _blend_rows, _flow_planes
+from iirp.kernels.upsample import _flow_planes
 from iirp.kernels.warp import _NF, _NI, CHUNK, _check_size, _corners, _gather, _tile_width
 
 __all__ = ["ncc", "fused_ncc_score"]
@@ -88,7 +88,6 @@ def _score_tile(moving, fixed, planes, xi0, xi1, xw0, xw1, yi0, yi1, yw0, yw1, f
     ib = np.empty((_NI, CHUNK), np.uint32)
     g = np.empty((8, CHUNK), np.float32)
     acc = np.zeros((x_stop - x_start, 5, CHUNK), np.float64)
-    one = np.float32(1.0)
     for y in range(ny):
         j0, j1, wy0, wy1 = yi0[y], yi1[y], yw0[y], yw1[y]
         fy = np.float32(y)
@@ -99,15 +98,24 @@ def _score_tile(moving, fixed, planes, xi0, xi1, xw0, xw1, yi0, yi1, yw0, yw1, f
             for z0 in range(0, nz, CHUNK):
                 n = min(CHUNK, nz - z0)
                 z1 = z0 + n
-                # the upsampled flow along the chunk, unscaled, exactly as upsample() blends it
-                for c in range(3):
-                    _blend_rows(planes[c, i0, j0, z0:z1], planes[c, i0, j1, z0:z1], planes[c, i1, j0, z0:z1],
-                                planes[c, i1, j1, z0:z1], wx0, wx1, wy0, wy1, fb[c, :n], one)
-                # sample points; the blended flow is scaled by the factor (a voxel-unit flow follows its grid)
+                # sample points p = (x, y, z) + factor * u with u the upsampled flow, blended
+                # exactly as upsample() blends it (the voxel-unit flow is scaled with its grid)
+                for c in range(2):
+                    p00 = planes[c, i0, j0, z0:z1]
+                    p01 = planes[c, i0, j1, z0:z1]
+                    p10 = planes[c, i1, j0, z0:z1]
+                    p11 = planes[c, i1, j1, z0:z1]
+                    origin = fx if c == 0 else fy
+                    for t in range(n):
+                        u = wx0 * (wy0 * p00[t] + wy1 * p01[t]) + wx1 * (wy0 * p10[t] + wy1 * p11[t])
+                        fb[c, t] = origin + factor * u
+                p00 = planes[2, i0, j0, z0:z1]
+                p01 = planes[2, i0, j1, z0:z1]
+                p10 = planes[2, i1, j0, z0:z1]
+                p11 = planes[2, i1, j1, z0:z1]
                 for t in range(n):
-                    fb[0, t] = fx + factor * fb[0, t]
-                    fb[1, t] = fy + factor * fb[1, t]
-                    fb[2, t] = np.float32(z0 + t) + factor * fb[2, t]
+                    u = wx0 * (wy0 * p00[t] + wy1 * p01[t]) + wx1 * (wy0 * p10[t] + wy1 * p11[t])
+                    fb[2, t] = np.float32(z0 + t) + factor * u
                 _corners(fb, ib, n, nx, ny, nz)
                 _gather(flat, np.uint64(0), ib, g, n)
                 # a = the trilinear sample (float32), as warp() computes it; kept in g[0]

@@ -13,9 +13,9 @@ Flows are ``(3, x, y, z)`` float32 displacements in voxels of their own grid,
 component c along array axis c (see :mod:`iirp.runtime.geometry`). Since a
 voxel-unit flow is measured on its grid, upsampling scales the vectors by s.
 
-The helpers :func:`_axis_table`, :func:`_zlerp_planes` and :func:`_blend_rows`
-are shared with :mod:`iirp.kernels.score`, so the fused score sees exactly the
-upsampled flow that :func:`upsample` writes.
+The helpers :func:`_axis_table` and :func:`_zlerp_planes` are shared with
+:mod:`iirp.kernels.score`, which blends the planes exactly as :func:`_blend_rows`
+does, so the fused score sees exactly the upsampled flow that :func:`upsample` writes.
 """
 
 from __future__ import annotations
@@ -77,12 +77,12 @@ def _zlerp_planes(flow, k0, k1, wz0, wz1, planes):  # pragma: no cover - compile
 def _blend_rows(p00, p01, p10, p11, wx0, wx1, wy0, wy1, row, scale):  # pragma: no cover - compiled
     """``row[z] = scale * (wx0 * (wy0 * p00[z] + wy1 * p01[z]) + wx1 * (wy0 * p10[z] + wy1 * p11[z]))``.
 
+
     The y-then-x blend of four z-resized plane rows for one output row (one flow
     component at fixed x, y), float32 in exactly that order: the arithmetic of the
     per-voxel ``_blend_xy`` of e109593 and of ``upsample.cu``, done a row at a time
-    so the loop vectorizes. ``upsample`` scales by the factor; the fused score
-    passes ``scale = 1`` and scales the blend itself when it forms the sample point
-    (``1 * v`` is ``v`` bit for bit).
+    so the loop vectorizes. :func:`iirp.kernels.score.fused_ncc_score` blends the
+    same rows with the same expression (unscaled) before it forms the sample point.
     """
     for z in range(row.shape[0]):
         row[z] = scale * (wx0 * (wy0 * p00[z] + wy1 * p01[z]) + wx1 * (wy0 * p10[z] + wy1 * p11[z]))
