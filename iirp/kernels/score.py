@@ -88,6 +88,7 @@ def _score_tile(moving, fixed, planes, xi0, xi1, xw0, xw1, yi0, yi1, yw0, yw1, f
     ib = np.empty((_NI, CHUNK), np.uint32)
     g = np.empty((8, CHUNK), np.float32)
     acc = np.zeros((x_stop - x_start, 5, CHUNK), np.float64)
+    identity = planes.shape[1] == nx and planes.shape[2] == ny  # factor 1: planes is the flow itself
     for y in range(ny):
         j0, j1, wy0, wy1 = yi0[y], yi1[y], yw0[y], yw1[y]
         fy = np.float32(y)
@@ -99,23 +100,34 @@ def _score_tile(moving, fixed, planes, xi0, xi1, xw0, xw1, yi0, yi1, yw0, yw1, f
                 n = min(CHUNK, nz - z0)
                 z1 = z0 + n
                 # sample points p = (x, y, z) + factor * u with u the upsampled flow, blended
-                # exactly as upsample() blends it (the voxel-unit flow is scaled with its grid)
-                for c in range(2):
-                    p00 = planes[c, i0, j0, z0:z1]
-                    p01 = planes[c, i0, j1, z0:z1]
-                    p10 = planes[c, i1, j0, z0:z1]
-                    p11 = planes[c, i1, j1, z0:z1]
-                    origin = fx if c == 0 else fy
+                # exactly as upsample() blends it (the voxel-unit flow is scaled with its grid).
+                # For factor 1 the tables are the identity and the blend returns the flow value
+                # itself for every finite value (a non-finite one leaves the volume either way)
+                if identity:
+                    u0 = planes[0, x, y, z0:z1]
+                    u1 = planes[1, x, y, z0:z1]
+                    u2 = planes[2, x, y, z0:z1]
+                    for t in range(n):
+                        fb[0, t] = fx + factor * u0[t]
+                        fb[1, t] = fy + factor * u1[t]
+                        fb[2, t] = np.float32(z0 + t) + factor * u2[t]
+                else:
+                    for c in range(2):
+                        p00 = planes[c, i0, j0, z0:z1]
+                        p01 = planes[c, i0, j1, z0:z1]
+                        p10 = planes[c, i1, j0, z0:z1]
+                        p11 = planes[c, i1, j1, z0:z1]
+                        origin = fx if c == 0 else fy
+                        for t in range(n):
+                            u = wx0 * (wy0 * p00[t] + wy1 * p01[t]) + wx1 * (wy0 * p10[t] + wy1 * p11[t])
+                            fb[c, t] = origin + factor * u
+                    p00 = planes[2, i0, j0, z0:z1]
+                    p01 = planes[2, i0, j1, z0:z1]
+                    p10 = planes[2, i1, j0, z0:z1]
+                    p11 = planes[2, i1, j1, z0:z1]
                     for t in range(n):
                         u = wx0 * (wy0 * p00[t] + wy1 * p01[t]) + wx1 * (wy0 * p10[t] + wy1 * p11[t])
-                        fb[c, t] = origin + factor * u
-                p00 = planes[2, i0, j0, z0:z1]
-                p01 = planes[2, i0, j1, z0:z1]
-                p10 = planes[2, i1, j0, z0:z1]
-                p11 = planes[2, i1, j1, z0:z1]
-                for t in range(n):
-                    u = wx0 * (wy0 * p00[t] + wy1 * p01[t]) + wx1 * (wy0 * p10[t] + wy1 * p11[t])
-                    fb[2, t] = np.float32(z0 + t) + factor * u
+                        fb[2, t] = np.float32(z0 + t) + factor * u
                 _corners(fb, ib, n, nx, ny, nz)
                 _gather(flat, np.uint64(0), ib, g, n)
                 # a = the trilinear sample (float32), as warp() computes it; kept in g[0]
