@@ -25,8 +25,10 @@ import numpy as np
 from numba import njit, prange
 
 from iirp.kernels._checks import as_float32, check_factor, check_ndim, check_shape
+from iirp.kernels._parallel import parallel_for
+from iirp.kernels._sampling import SCORE, sample_tile
 from iirp.kernels.upsample import _flow_planes
-from iirp.kernels.warp import _NF, _NI, CHUNK, _check_size, _corners, _gather, _tile_width
+from iirp.kernels.warp import _check_size
 
 __all__ = ["ncc", "fused_ncc_score"]
 
@@ -72,109 +74,19 @@ def _centered_sums(a, b, ma, mb):  # pragma: no cover - compiled
     return partials
 
 
-@njit(fastmath=False)
-def _score_tile(moving, fixed, planes, xi0, xi1, xw0, xw1, yi0, yi1, yw0, yw1, factor,
-                x_start, x_stop, partials):  # pragma: no cover - compiled
-    """Rows ``partials[x]`` (sums of a, b, a*a, b*b, a*b) for the slabs ``x_start <= x < x_stop``.
+def _fused_sums(moving: np.ndarray, fixed: np.ndarray, flow: np.ndarray, factor: int) -> np.ndarray:
+    """Per-slab sums of a, b, a*a, b*b, a*b (float64), ``a = warp(moving, up_factor(flow))``, ``b = fixed``.
 
-    Each slab sums into ``CHUNK`` float64 lanes per moment (lane t takes the
-    voxels at z = t, t + CHUNK, ... of every row, rows in y order); the lanes are
-    then added in lane order. The order depends only on the shape, not on the
-    tiling or the thread count.
+    Returns ``(X, 5)`` partials, one row per slab of the first axis (see
+    :func:`iirp.kernels._sampling.sample_tile` for the summation order), which
+    the caller adds in a fixed order: independent of the thread count.
     """
-    nx, ny, nz = moving.shape
-    flat = moving.reshape(nx * ny * nz)
-    fb = np.empty((_NF, CHUNK), np.float32)
-    ib = np.empty((_NI, CHUNK), np.uint32)
-    g = np.empty((8, CHUNK), np.float32)
-    acc = np.zeros((x_stop - x_start, 5, CHUNK), np.float64)
-    identity = planes.shape[1] == nx and planes.shape[2] == ny  # factor 1: planes is the flow itself
-    for y in range(ny):
-        j0, j1, wy0, wy1 = yi0[y], yi1[y], yw0[y], yw1[y]
-        fy = np.float32(y)
-        for x in range(x_start, x_stop):
-            i0, i1, wx0, wx1 = xi0[x], xi1[x], xw0[x], xw1[x]
-            fx = np.float32(x)
-            lanes = acc[x - x_start]
-            for z0 in range(0, nz, CHUNK):
-                n = min(CHUNK, nz - z0)
-                z1 = z0 + n
-                # sample points p = (x, y, z) + factor * u with u the upsampled flow, blended
-                # exactly as upsample() blends it (the voxel-unit flow is scaled with its grid).
-                # For factor 1 the tables are the identity and the blend returns the flow value
-                # itself for every finite value (a non-finite one leaves the volume either way)
-                if identity:
-                    u0 = planes[0, x, y, z0:z1]
-                    u1 = planes[1, x, y, z0:z1]
-                    u2 = planes[2, x, y, z0:z1]
-                    for t in range(n):
-                        fb[0, t] = fx + factor * u0[t]
-                        fb[1, t] = fy + factor * u1[t]
-                        fb[2, t] = np.float32(z0 + t) + factor * u2[t]
-                else:
-                    for c in range(2):
-                        p00 = planes[c, i0, j0, z0:z1]
-                        p01 = planes[c, i0, j1, z0:z1]
-                        p10 = planes[c, i1, j0, z0:z1]
-                        p11 = planes[c, i1, j1, z0:z1]
-                        origin = fx if c == 0 else fy
-                        for t in range(n):
-                            u = wx0 * (wy0 * p00[t] + wy1 * p01[t]) + wx1 * (wy0 * p10[t] + wy1 * p11[t])
-                            fb[c, t] = origin + factor * u
-                    p00 = planes[2, i0, j0, z0:z1]
-                    p01 = planes[2, i0, j1, z0:z1]
-                    p10 = planes[2, i1, j0, z0:z1]
-                    p11 = planes[2, i1, j1, z0:z1]
-                    for t in range(n):
-                        u = wx0 * (wy0 * p00[t] + wy1 * p01[t]) + wx1 * (wy0 * p10[t] + wy1 * p11[t])
-                        fb[2, t] = np.float32(z0 + t) + factor * u
-                _corners(fb, ib, n, nx, ny, nz)
-                _gather(flat, np.uint64(0), ib, g, n)
-                # a = the trilinear sample (float32), as warp() computes it; kept in g[0]
-                for t in range(n):
-                    wy0_ = fb[5, t]
-                    wy1_ = fb[6, t]
-                    wz0 = fb[7, t]
-                    wz1 = fb[8, t]
-                    v00 = wz0 * g[0, t] + wz1 * g[1, t]
-                    v01 = wz0 * g[2, t] + wz1 * g[3, t]
-                    v10 = wz0 * g[4, t] + wz1 * g[5, t]
-                    v11 = wz0 * g[6, t] + wz1 * g[7, t]
-                    g[0, t] = fb[3, t] * (wy0_ * v00 + wy1_ * v01) + fb[4, t] * (wy0_ * v10 + wy1_ * v11)
-                # float64 moments; a point without a corner inside contributes b only (a = 0 terms are skipped)
-                b_row = fixed[x, y, z0:z1]
-                for t in range(n):
-                    inside = fb[9, t] != np.float32(0.0)
-                    a = np.float64(g[0, t])
-                    b = np.float64(b_row[t])
-                    lanes[0, t] += a if inside else 0.0
-                    lanes[1, t] += b
-                    lanes[2, t] += a * a if inside else 0.0
-                    lanes[3, t] += b * b
-                    lanes[4, t] += a * b if inside else 0.0
-    for x in range(x_start, x_stop):
-        for k in range(5):
-            s = 0.0
-            for t in range(CHUNK):
-                s += acc[x - x_start, k, t]
-            partials[x, k] = s
-
-
-@njit(parallel=True, cache=True, fastmath=False)
-def _fused_sums(moving, fixed, planes, xi0, xi1, xw0, xw1, yi0, yi1, yw0, yw1, factor, tile):  # pragma: no cover
-    """Per-slab sums of a, b, a*a, b*b, a*b (float64), ``a = warp(moving, factor * blend(planes))``, ``b = fixed``.
-
-    ``moving`` and ``fixed`` are ``(X, Y, Z)``; ``planes`` the z-resized coarse flow
-    ``(3, x, y, Z)``; the x and y tables come from ``upsample._axis_table``.
-    Parallel over tiles of ``tile`` slabs; returns ``(X, 5)`` partials, one row
-    per slab (see :func:`_score_tile`), which the caller adds in a fixed order.
-    """
-    nx = moving.shape[0]
-    partials = np.zeros((nx, 5), dtype=np.float64)
-    n_tiles = (nx + tile - 1) // tile
-    for k in prange(n_tiles):
-        _score_tile(moving, fixed, planes, xi0, xi1, xw0, xw1, yi0, yi1, yw0, yw1, factor,
-                    k * tile, min(nx, (k + 1) * tile), partials)
+    planes, tx, ty = _flow_planes(flow, factor)
+    partials = np.zeros((moving.shape[0], 5), dtype=np.float64)
+    src = moving[None]
+    scale = np.float32(factor)  # the blended flow is scaled with its grid inside the kernel
+    parallel_for(lambda a, b: sample_tile(src, planes, *tx, *ty, scale, SCORE, src, fixed, partials, a, b),
+                 moving.shape[0], moving.size)
     return partials
 
 
@@ -281,7 +193,5 @@ def fused_ncc_score(moving: Any, fixed: Any, flow: Any, factor: int) -> float:
     if n < 2:
         raise ValueError(f"fused_ncc_score() 'moving' needs at least 2 voxels, got shape {tuple(moving.shape)}")
     _check_size("fused_ncc_score", moving.shape)
-    planes, tx, ty = _flow_planes(flow, factor)
-    # the blended flow is scaled by the factor inside the kernel (voxel-unit flow follows its grid)
-    partials = _fused_sums(moving, fixed, planes, *tx, *ty, np.float32(factor), _tile_width(moving.shape[0]))
+    partials = _fused_sums(moving, fixed, flow, factor)
     return _ncc_from_sums(n, *_total(partials))

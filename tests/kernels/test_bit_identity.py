@@ -21,6 +21,7 @@ import pytest
 
 from iirp.kernels import compose, fused_ncc_score, ncc, upsample, upsample2, warp
 
+_sampling = importlib.import_module("iirp.kernels._sampling")
 _score = importlib.import_module("iirp.kernels.score")
 _upsample = importlib.import_module("iirp.kernels.upsample")
 _warp = importlib.import_module("iirp.kernels.warp")
@@ -111,24 +112,64 @@ def test_work_buffers_are_reused_across_shapes(rng: np.random.Generator) -> None
         assert_same_bits(upsample(flow, factor), before.upsample(flow, factor))
 
 
-@pytest.mark.parametrize("tile", [1, 2, 5, 64])
-def test_tiling_does_not_change_results(rng: np.random.Generator, tile: int) -> None:
-    """The x-tile width (chosen from the thread count) changes the work split, never a value."""
+@pytest.mark.parametrize("cuts", [(), (1,), (3, 4), (2, 5, 9, 10)])
+def test_work_split_does_not_change_results(rng: np.random.Generator, cuts: tuple[int, ...]) -> None:
+    """Work items (ranges of x slabs, handed to threads) change who computes a voxel, never its value."""
     shape = (11, 6, 70)
+    bounds = [0, *cuts, shape[0]]
     flow = _flow(rng, shape, 2.0)
     for channels in (3, 8):
         src = rng.standard_normal((channels, *shape)).astype(np.float32)
-        out = np.empty_like(src)
-        if channels < _warp._CL_MIN_CHANNELS:
-            _warp._warp_kernel(src, flow, out, False, tile)
-        else:
-            _warp._warp_cl_kernel(src, flow, out, np.empty(src.size + _warp.LANES, np.float32), tile)
+        out = np.full_like(src, np.nan)
+        cl = np.zeros(src.size + _warp.LANES, np.float32)
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            _warp._to_channels_last(src, cl, a, b)
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            if channels < _warp._CL_MIN_CHANNELS:
+                tables = _warp._identity_tables(shape[0]) + _warp._identity_tables(shape[1])
+                _sampling.sample_tile(src, flow, *tables, np.float32(1), _sampling.WARP, out, src[0],
+                                      np.zeros((1, 5)), a, b)
+            else:
+                _warp._warp_cl_tile(cl, flow, out, a, b)
         assert_same_bits(out, before.warp(src, flow))
     moving, fixed = rng.random((2, 12, 6, 70), dtype=np.float32)
     coarse = (rng.standard_normal((3, 6, 3, 35)) * 2).astype(np.float32)
-    planes = _planes(coarse, 2)
-    reference = _score._fused_sums(moving, fixed, *planes, np.float32(2), 1)
-    np.testing.assert_array_equal(_score._fused_sums(moving, fixed, *planes, np.float32(2), tile), reference)
+    planes, tx, ty = _upsample._flow_planes(coarse, 2)
+    partials = np.full((12, 5), np.nan)
+    bounds[-1] = 12
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        _sampling.sample_tile(moving[None], planes, *tx, *ty, np.float32(2), _sampling.SCORE, moving[None], fixed,
+                              partials, a, b)
+    np.testing.assert_array_equal(partials, _score._fused_sums(moving, fixed, coarse, 2))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_thread_count_does_not_change_results(rng: np.random.Generator, threads: int) -> None:
+    """Big enough calls go through the thread pool; with one thread they run inline: the same bits."""
+    numba = pytest.importorskip("numba")
+    if threads > numba.config.NUMBA_NUM_THREADS:
+        pytest.skip(f"needs {threads} numba threads")
+    shape = (40, 32, 80)  # above the serial threshold for 3 channels
+    flow = _flow(rng, shape, 2.0)
+    src = rng.standard_normal((8, *shape)).astype(np.float32)
+    moving, fixed = rng.random((2, *shape), dtype=np.float32)
+    coarse = (rng.standard_normal((3, 20, 16, 40)) * 2).astype(np.float32)
+    before_threads = numba.get_num_threads()
+    try:
+        numba.set_num_threads(threads)
+        results = (warp(src, flow), compose(flow, flow * 0.25), upsample(coarse, 2),
+                   _score._fused_sums(moving, fixed, coarse, 2))
+    finally:
+        numba.set_num_threads(before_threads)
+    assert_same_bits(results[0], before.warp(src, flow))
+    assert_same_bits(results[1], before.compose(flow, flow * 0.25))
+    assert_same_bits(results[2], before.upsample(coarse, 2))
+    numba.set_num_threads(1)
+    try:
+        serial = _score._fused_sums(moving, fixed, coarse, 2)
+    finally:
+        numba.set_num_threads(before_threads)
+    np.testing.assert_array_equal(results[3], serial)
 
 
 def _smooth(rng: np.random.Generator, shape: tuple[int, int, int]) -> np.ndarray:
@@ -144,17 +185,12 @@ def test_fused_score_matches_e109593(rng: np.random.Generator, factor: int) -> N
     moving, fixed = _smooth(rng, shape), _smooth(rng, shape)
     coarse = tuple(n // factor for n in shape)
     flow = _specials(rng, (rng.standard_normal((3, *coarse)) * 4.0 / factor).astype(np.float32), [50.0, -0.0])
-    sums = _score._total(_score._fused_sums(moving, fixed, *_planes(flow, factor), np.float32(factor), 3))
+    sums = _score._total(_score._fused_sums(moving, fixed, flow, factor))
     expected = _score._total(before.fused_sums(moving, fixed, flow, factor))
     np.testing.assert_allclose(sums, expected, rtol=SUM_RTOL, atol=0)
     assert fused_ncc_score(moving, fixed, flow, factor) == pytest.approx(
         before.fused_ncc_score(moving, fixed, flow, factor), abs=SCORE_ATOL)
     assert ncc(moving, fixed) == before.ncc(moving, fixed)  # unchanged kernel, same order
-
-
-def _planes(flow: np.ndarray, factor: int) -> tuple:
-    planes, tx, ty = _upsample._flow_planes(flow, factor)
-    return (planes.copy(), *tx, *ty)
 
 
 @pytest.mark.parametrize("factor", [1, 2, 4])
@@ -163,11 +199,10 @@ def test_fused_score_terms_are_bit_identical(rng: np.random.Generator, factor: i
     shape = (4, 4, 8)
     moving = _specials(rng, rng.standard_normal(shape).astype(np.float32), [-0.0, 1e-39])
     flow = _flow(rng, tuple(n // factor for n in shape), 2.0 / factor)
-    planes = _planes(flow, factor)
     for index in np.ndindex(*shape):
         fixed = np.zeros(shape, np.float32)
         fixed[index] = 1.0
-        new = _score._total(_score._fused_sums(moving, fixed, *planes, np.float32(factor), 2))
+        new = _score._total(_score._fused_sums(moving, fixed, flow, factor))
         old = _score._total(before.fused_sums(moving, fixed, flow, factor))
         # sab = a * 1 at this voxel (0 where the point is outside), exactly; sb = b
         assert np.float64(new[4]).tobytes() == np.float64(old[4]).tobytes(), index
@@ -176,9 +211,8 @@ def test_fused_score_terms_are_bit_identical(rng: np.random.Generator, factor: i
 
 def test_kernels_keep_fastmath_off() -> None:
     """No FMA contraction or reassociation: every kernel is compiled with fastmath off."""
-    for module, names in ((_warp, ["_warp_kernel", "_warp_cl_kernel", "_warp_tile", "_warp_cl_tile"]),
-                          (_upsample, ["_upsample_kernel", "_zlerp_planes"]),
-                          (_score, ["_fused_sums", "_score_tile", "_centered_sums"])):
-        for name in names:
-            fastmath = getattr(module, name).targetoptions.get("fastmath", False)
-            assert not fastmath, f"{module.__name__}.{name} has fastmath={fastmath!r}"
+    kernels = [_sampling.sample_tile, _warp._to_channels_last, _warp._warp_cl_tile, _upsample._upsample_rows,
+               _upsample._zlerp_planes, _score._centered_sums]
+    for kernel in kernels:
+        fastmath = kernel.targetoptions.get("fastmath", False)
+        assert not fastmath, f"{kernel.__name__} has fastmath={fastmath!r}"
