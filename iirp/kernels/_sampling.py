@@ -191,25 +191,15 @@ def sample_tile(src, planes, xi0, xi1, xw0, xw1, yi0, yi1, yw0, yw1, factor, mod
             fx = np.float32(x)
             for z0 in range(0, nz, CHUNK):
                 n = min(CHUNK, nz - z0)
-                z1 = z0 + n
                 # sample points: the blend of the resized flow, scaled by the factor
-                # (a voxel-unit flow is measured on its grid)
-                for c in range(2):
-                    p00 = planes[c, i0, j0, z0:z1]
-                    p01 = planes[c, i0, j1, z0:z1]
-                    p10 = planes[c, i1, j0, z0:z1]
-                    p11 = planes[c, i1, j1, z0:z1]
-                    origin = fx if c == 0 else fy
+                # (a voxel-unit flow is measured on its grid); z indices unsigned, no wraparound
+                for c in range(3):
                     for t in range(n):
-                        u = wx0 * (wy0 * p00[t] + wy1 * p01[t]) + wx1 * (wy0 * p10[t] + wy1 * p11[t])
+                        z = np.uint64(z0 + t)
+                        u = wx0 * (wy0 * planes[c, i0, j0, z] + wy1 * planes[c, i0, j1, z]) + wx1 * (
+                            wy0 * planes[c, i1, j0, z] + wy1 * planes[c, i1, j1, z])
+                        origin = fx if c == 0 else (fy if c == 1 else np.float32(z0 + t))
                         fb[c, t] = origin + factor * u
-                p00 = planes[2, i0, j0, z0:z1]
-                p01 = planes[2, i0, j1, z0:z1]
-                p10 = planes[2, i1, j0, z0:z1]
-                p11 = planes[2, i1, j1, z0:z1]
-                for t in range(n):
-                    u = wx0 * (wy0 * p00[t] + wy1 * p01[t]) + wx1 * (wy0 * p10[t] + wy1 * p11[t])
-                    fb[2, t] = np.float32(z0 + t) + factor * u
                 _corners(fb, ib, n, nx, ny, nz)
                 for c in range(nc):
                     _gather(flat, np.uint64(c * nvox), ib, g, n)
@@ -226,26 +216,23 @@ def sample_tile(src, planes, xi0, xi1, xw0, xw1, yi0, yi1, yw0, yw1, factor, mod
                         g[0, t] = fb[3, t] * (wy0_ * v00 + wy1_ * v01) + fb[4, t] * (wy0_ * v10 + wy1_ * v11)
                     if score:
                         # float64 moments; a point without a corner inside adds b terms only
-                        lanes = acc[x - x_start]
-                        b_row = fixed[x, y, z0:z1]
+                        s = x - x_start
                         for t in range(n):
                             inside = fb[9, t] != _ZERO
                             a = np.float64(g[0, t])
-                            b = np.float64(b_row[t])
-                            lanes[0, t] += a if inside else 0.0
-                            lanes[1, t] += b
-                            lanes[2, t] += a * a if inside else 0.0
-                            lanes[3, t] += b * b
-                            lanes[4, t] += a * b if inside else 0.0
-                    elif mode == COMPOSE:
-                        row = out[c, x, y, z0:z1]
-                        du = planes[c, x, y, z0:z1]  # identity tables: planes is du
-                        for t in range(n):
-                            row[t] = g[0, t] + du[t] if fb[9, t] != _ZERO else du[t]
+                            b = np.float64(fixed[x, y, np.uint64(z0 + t)])
+                            acc[s, 0, t] += a if inside else 0.0
+                            acc[s, 1, t] += b
+                            acc[s, 2, t] += a * a if inside else 0.0
+                            acc[s, 3, t] += b * b
+                            acc[s, 4, t] += a * b if inside else 0.0
                     else:
-                        row = out[c, x, y, z0:z1]
+                        compose = mode == COMPOSE
                         for t in range(n):
-                            row[t] = g[0, t] if fb[9, t] != _ZERO else _ZERO
+                            z = np.uint64(z0 + t)
+                            du = planes[c, x, y, z] if compose else _ZERO  # identity tables: planes is du
+                            v = g[0, t] + du if compose else g[0, t]
+                            out[c, x, y, z] = v if fb[9, t] != _ZERO else du
     if score:
         for x in range(x_start, x_stop):
             for k in range(5):
