@@ -22,7 +22,7 @@ import math
 from typing import Any
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from iirp.kernels._checks import as_float32, check_factor, check_ndim, check_shape
 from iirp.kernels._parallel import parallel_for
@@ -37,22 +37,18 @@ __all__ = ["ncc", "fused_ncc_score"]
 _VAR_REL_TOL = 1e-10
 
 
-_CHUNK = 1 << 16  # elements per parallel work item of the moment sums
+_CHUNK = 1 << 16  # elements per partial sum of ncc()
 
 
-@njit(parallel=True, cache=True, fastmath=False)
-def _centered_sums(a, b, ma, mb):  # pragma: no cover - compiled
-    """Partial float64 sums of da, db, da*da, db*db, da*db with ``da = a - ma``, ``db = b - mb``.
+@njit(nogil=True, cache=True, fastmath=False)
+def _centered_chunks(a, b, ma, mb, partials, first, stop):  # pragma: no cover - compiled
+    """Rows ``first <= k < stop`` of ``partials``: float64 sums of da, db, da*da, db*db, da*db over chunk k.
 
-    ``a`` and ``b`` are flat float32. Parallel over chunks of ``_CHUNK``
-    elements, each summed serially into its own row: returns ``(n_chunks, 5)``
-    partials, which the caller adds in a fixed order (so the result does not
-    depend on the thread count).
+    ``da = a - ma``, ``db = b - mb`` with ``a``, ``b`` flat float32; chunk k is
+    elements ``[k * _CHUNK, (k + 1) * _CHUNK)``, summed serially in element order.
     """
     n = a.shape[0]
-    n_chunks = (n + _CHUNK - 1) // _CHUNK
-    partials = np.zeros((n_chunks, 5), dtype=np.float64)
-    for chunk in prange(n_chunks):
+    for chunk in range(first, stop):
         sa = 0.0
         sb = 0.0
         saa = 0.0
@@ -71,6 +67,16 @@ def _centered_sums(a, b, ma, mb):  # pragma: no cover - compiled
         partials[chunk, 2] = saa
         partials[chunk, 3] = sbb
         partials[chunk, 4] = sab
+
+
+def _centered_sums(a: np.ndarray, b: np.ndarray, ma: float, mb: float) -> np.ndarray:
+    """``(n_chunks, 5)`` partial sums of :func:`_centered_chunks`, chunks spread over threads.
+
+    The caller adds the rows in a fixed order, so the result does not depend on the thread count.
+    """
+    n_chunks = -(-a.shape[0] // _CHUNK)
+    partials = np.zeros((n_chunks, 5), dtype=np.float64)
+    parallel_for(lambda first, stop: _centered_chunks(a, b, ma, mb, partials, first, stop), n_chunks, a.shape[0])
     return partials
 
 

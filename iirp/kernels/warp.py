@@ -84,13 +84,11 @@ def _warp_cl_tile(cl, flow, out, x_start, x_stop):  # pragma: no cover - compile
             fx = np.float32(x)
             for z0 in range(0, nz, CHUNK):
                 n = min(CHUNK, nz - z0)
-                u0 = flow[0, x, y, z0:z0 + n]
-                u1 = flow[1, x, y, z0:z0 + n]
-                u2 = flow[2, x, y, z0:z0 + n]
                 for t in range(n):
-                    fb[0, t] = fx + u0[t]
-                    fb[1, t] = fy + u1[t]
-                    fb[2, t] = np.float32(z0 + t) + u2[t]
+                    z = np.uint64(z0 + t)
+                    fb[0, t] = fx + flow[0, x, y, z]
+                    fb[1, t] = fy + flow[1, x, y, z]
+                    fb[2, t] = np.float32(z0 + t) + flow[2, x, y, z]
                 _corners(fb, ib, n, nx, ny, nz)
                 for t in range(n):
                     base = np.uint64(t) * unc
@@ -120,9 +118,8 @@ def _warp_cl_tile(cl, flow, out, x_start, x_stop):  # pragma: no cover - compile
                         v11 = wz0 * cl[d0 + c] + wz1 * cl[d1 + c]
                         tmp[base + c] = wx0 * (wy0 * v00 + wy1 * v01) + wx1 * (wy0 * v10 + wy1 * v11)
                 for c in range(nc):
-                    row = out[c, x, y, z0:z0 + n]
                     for t in range(n):
-                        row[t] = tmp[t * nc + c]
+                        out[c, x, y, np.uint64(z0 + t)] = tmp[t * nc + c]
 
 
 def _identity_tables(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

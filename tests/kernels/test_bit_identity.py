@@ -212,7 +212,7 @@ def test_fused_score_terms_are_bit_identical(rng: np.random.Generator, factor: i
 def test_kernels_keep_fastmath_off() -> None:
     """No FMA contraction or reassociation: every kernel is compiled with fastmath off."""
     kernels = [_sampling.sample_tile, _warp._to_channels_last, _warp._warp_cl_tile, _upsample._upsample_rows,
-               _upsample._zlerp_planes, _score._centered_sums]
+               _upsample._zlerp_planes, _score._centered_chunks]
     for kernel in kernels:
         fastmath = kernel.targetoptions.get("fastmath", False)
         assert not fastmath, f"{kernel.__name__} has fastmath={fastmath!r}"
