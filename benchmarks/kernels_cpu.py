@@ -261,7 +261,8 @@ def report(env: dict[str, Any], inputs: dict[str, Any], rows: list[dict[str, Any
         "# CPU kernels: e109593 (old) vs current (new), one IterStop registration",
         "",
         f"- Machine: {env['cpu']}, {env['cores']} cores (usable {env['usable_cores']}); {args.machine_note}",
-        f"- numba {env['versions'].get('numba')} ({env['threads']} threads, threading layer `{env['layer']}`), "
+        f"- numba {env['versions'].get('numba')}, {env['threads']} threads (old: `prange` on numba's "
+        f"`{env['layer']}` layer; new: numba `nogil` kernels on a thread pool), "
         f"numpy {env['versions'].get('numpy')}, Python {env['python']}",
         f"- Load average (1, 5, 15 min) before: {env['load_before']}; after: {env['load_after']}",
         f"- Volumes {SHAPE[0]}x{SHAPE[1]}x{SHAPE[2]}: {inputs['source']}; features and flows synthetic and smooth",
@@ -275,7 +276,7 @@ def report(env: dict[str, Any], inputs: dict[str, Any], rows: list[dict[str, Any
     ]
     for r in rows:
         lv = r["level"]
-        channels = CHANNELS[lv] if r["kernel"] == "warp" else 3
+        channels = CHANNELS[lv] if r["kernel"] == "warp" else ("-" if r["kernel"] == "fused_ncc_score" else 3)
         check = f"{r['check']:.1e}" if r["kernel"] == "fused_ncc_score" else ("identical" if r["check"] else "DIFFERS")
         grid = grids[lv] + (" -> " + grids[lv - 1] if r["kernel"] == "upsample2" else "")
         grid = grid + (" (x" + str(2 ** (lv - 1)) + ", full-size volumes)" if r["kernel"] == "fused_ncc_score" else "")

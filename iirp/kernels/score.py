@@ -7,9 +7,13 @@ SPEC section 3/5: ``score(phi at level i) = NCC(warp(m, up_s(phi)), f)`` with
 :func:`fused_ncc_score` computes that score in one pass over the full-resolution
 grid without materialising the upsampled flow or the warped image: for every
 voxel it blends the coarse flow (exactly as :func:`iirp.kernels.upsample` does),
-samples the moving image (exactly as :func:`iirp.kernels.warp` does) and
-accumulates five float64 sums in per-slab partials, added in a fixed order
-(so the score does not depend on the thread count).
+samples the moving image (exactly as :func:`iirp.kernels.warp` does; the
+shared kernel is :func:`iirp.kernels._sampling.sample_tile`) and accumulates
+five float64 sums. The per-voxel terms a (the sample) and b (the fixed value)
+are bit for bit those of e109593 and of the CUDA ``score.cu``; the additions
+run in another fixed order (per slab of the first axis, ``CHUNK`` lanes along
+z, then lanes in order, then slabs in order), which depends on the shape only,
+not on the thread count, and moves the score by ~1e-14 against e109593.
 
 Conventions: see :mod:`iirp.runtime.geometry` (volumes ``(X, Y, Z)``, flows
 ``(3, x, y, z)`` in voxels of their own grid, component c along axis c;
@@ -117,8 +121,9 @@ def ncc(a: Any, b: Any) -> float:
 
     Unbiased standard deviations (divide by N - 1), float64 sums in two passes
     (means first), the counterpart of :func:`iirp.model.spatial.ncc`. Runs on
-    the CPU with numba, parallel over chunks whose partial sums are added in a
-    fixed order (independent of the thread count).
+    the CPU with numba, on ``numba.get_num_threads()`` threads over chunks of
+    65536 elements whose partial sums are added in a fixed order (independent of
+    the thread count).
 
     Args:
         a, b: arrays of the same shape (any number of dimensions, at least 2
@@ -159,8 +164,10 @@ def fused_ncc_score(moving: Any, fixed: Any, flow: Any, factor: int) -> float:
     sums of a, b, a², b², ab are accumulated in float64 per slab of the first
     axis and added in slab order (independent of the thread count). Neither the
     full-resolution flow nor the warped image is stored; the only temporary is
-    the coarse flow resized along z, ``(3, x, y, Z)`` (1/factor² of a full flow;
-    none for factor 1). Runs on the CPU with numba, parallel over the first axis.
+    the coarse flow resized along z, ``(3, x, y, Z)`` (1/factor² of a full flow,
+    kept in a work buffer of this thread between calls; none for factor 1). Runs
+    on the CPU with numba, on ``numba.get_num_threads()`` threads over ranges of
+    the first axis.
 
     The one-pass sums agree with the two-pass :func:`ncc` to ~1e-12 for [0, 1]
     images; a variance below 1e-10 of the mean square is taken as a constant image.

@@ -59,10 +59,10 @@ def _axis_table(n: int, size: int) -> _Table:
 
 @njit(nogil=True, cache=True, fastmath=False)
 def _zlerp_planes(flow, k0, k1, wz0, wz1, planes, x_start, x_stop):  # pragma: no cover - compiled
-    """Resize along z only (the innermost blend): ``planes (3, x, y, Z)`` from ``flow (3, x, y, z)``, for
-    the coarse slabs ``x_start <= x < x_stop``, written in place.
+    """Resize ``flow (3, x, y, z)`` along z only into ``planes (3, x, y, Z)``, coarse slabs ``x_start .. x_stop``.
 
-    ``planes[c, x, y, Z] = wz0[Z] * flow[c, x, y, k0[Z]] + wz1[Z] * flow[c, x, y, k1[Z]]`` (float32).
+    ``planes[c, x, y, Z] = wz0[Z] * flow[c, x, y, k0[Z]] + wz1[Z] * flow[c, x, y, k1[Z]]``
+    (float32): the innermost blend of the trilinear resize, written in place.
     """
     nc, _, ny, _ = flow.shape
     nz = k0.shape[0]
@@ -75,10 +75,10 @@ def _zlerp_planes(flow, k0, k1, wz0, wz1, planes, x_start, x_stop):  # pragma: n
 
 @njit(nogil=True, cache=True, fastmath=False)
 def _upsample_rows(planes, xi0, xi1, xw0, xw1, yi0, yi1, yw0, yw1, factor, out, x_start, x_stop):  # pragma: no cover
-    """``out[c, x, y, z] = factor * (wx0 * (wy0 * p00 + wy1 * p01) + wx1 * (wy0 * p10 + wy1 * p11))`` for
-    the fine slabs ``x_start <= x < x_stop``.
+    """``out = factor * blend(planes)`` on the fine slabs ``x_start <= x < x_stop``.
 
-    ``pij = planes[c, xi_i[x], yi_j[y], z]``: the z-resized planes blended over
+    ``out[c, x, y, z] = factor * (wx0 * (wy0 * p00 + wy1 * p01) + wx1 * (wy0 * p10 + wy1 * p11))``
+    with ``pij = planes[c, xi_i[x], yi_j[y], z]``: the z-resized planes blended over
     y, then x (float32, in exactly that order: e109593's ``_blend_xy`` and
     ``upsample.cu``), then scaled; a whole row at a time, so the z loop vectorizes.
     :func:`iirp.kernels._sampling.sample_tile` blends the planes the same way.
