@@ -31,7 +31,7 @@ __all__ = ["SERIAL_WORK", "parallel_for", "work_buffer"]
 #: out work costs more than it saves (and on a busy machine a woken thread may start late).
 SERIAL_WORK = 2**18
 #: Work items per thread: enough to balance threads that start late or run slower.
-ITEMS_PER_THREAD = 4
+ITEMS_PER_THREAD = 8
 
 _pool: Optional[ThreadPoolExecutor] = None
 _pool_lock = threading.Lock()
