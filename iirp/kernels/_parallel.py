@@ -18,6 +18,7 @@ shapes again and again.
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Optional
@@ -34,16 +35,19 @@ SERIAL_WORK = 2**18
 ITEMS_PER_THREAD = 8
 
 _pool: Optional[ThreadPoolExecutor] = None
+_pool_pid = -1
 _pool_lock = threading.Lock()
 _local = threading.local()
 
 
 def _executor() -> ThreadPoolExecutor:
-    global _pool
+    """The module's pool (``NUMBA_NUM_THREADS - 1`` workers), made on first use and again in a forked child."""
+    global _pool, _pool_pid
     with _pool_lock:
-        if _pool is None:
+        if _pool is None or _pool_pid != os.getpid():  # a fork copies the pool but not its threads
             _pool = ThreadPoolExecutor(max_workers=max(1, numba.config.NUMBA_NUM_THREADS - 1),
                                        thread_name_prefix="iirp-kernels")
+            _pool_pid = os.getpid()
         return _pool
 
 
