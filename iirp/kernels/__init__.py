@@ -1,9 +1,11 @@
 """Warp / compose / upsample / score kernels on host numpy arrays.
 
-These are the CPU implementations, compiled with numba (``parallel=True``,
-``cache=True``, fastmath off) and parallel over the first spatial axis. CUDA
-versions come later and will dispatch from these same functions; the numba
-code stays the readable reference with the same signature and edge handling.
+These are the CPU implementations: numba kernels (``nogil``, ``cache=True``,
+fastmath off) run on ``numba.get_num_threads()`` threads over ranges of the
+first spatial axis (see :mod:`iirp.kernels._parallel`); the per-voxel
+arithmetic they share is stated in :mod:`iirp.kernels._sampling`. The CUDA
+kernels in :mod:`iirp.kernels.cuda_ops` are ports of that arithmetic; the numba
+code stays the reference with the same signature and edge handling.
 
 Conventions (see :mod:`iirp.runtime.geometry`, SPEC section 3): arrays are
 batch-free, C-contiguous float32 -- volumes ``(X, Y, Z)``, feature maps
@@ -22,7 +24,9 @@ a C-contiguous float32 array of the result's shape, not overlapping the inputs.
   materialising the full-resolution flow or warped image (the IterStop score).
 
 Importing this package imports numba (not torch); compilation happens on the
-first call of each function and is cached on disk next to the sources.
+first call of each function and is cached on disk next to the sources. Large
+scratch arrays (a channels-last copy of a warped feature map, the z-resized
+flow of the score) are kept per thread between calls.
 """
 
 from __future__ import annotations

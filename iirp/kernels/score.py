@@ -7,9 +7,13 @@ SPEC section 3/5: ``score(phi at level i) = NCC(warp(m, up_s(phi)), f)`` with
 :func:`fused_ncc_score` computes that score in one pass over the full-resolution
 grid without materialising the upsampled flow or the warped image: for every
 voxel it blends the coarse flow (exactly as :func:`iirp.kernels.upsample` does),
-samples the moving image (exactly as :func:`iirp.kernels.warp` does) and
-accumulates five float64 sums in per-slab partials, added in a fixed order
-(so the score does not depend on the thread count).
+samples the moving image (exactly as :func:`iirp.kernels.warp` does; the
+shared kernel is :func:`iirp.kernels._sampling.sample_tile`) and accumulates
+five float64 sums. The per-voxel terms a (the sample) and b (the fixed value)
+are bit for bit those of e109593 and of the CUDA ``score.cu``; the additions
+run in another fixed order (per slab of the first axis, ``CHUNK`` lanes along
+z, then lanes in order, then slabs in order), which depends on the shape only,
+not on the thread count, and moves the score by ~1e-14 against e109593.
 
 Conventions: see :mod:`iirp.runtime.geometry` (volumes ``(X, Y, Z)``, flows
 ``(3, x, y, z)`` in voxels of their own grid, component c along axis c;
@@ -22,11 +26,13 @@ import math
 from typing import Any
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from iirp.kernels._checks import as_float32, check_factor, check_ndim, check_shape
-from iirp.kernels.upsample import _blend_xy, _flow_planes
-from iirp.kernels.warp import _axis, _inside, _lerp3
+from iirp.kernels._parallel import parallel_for
+from iirp.kernels._sampling import SCORE, sample_tile
+from iirp.kernels.upsample import _flow_planes
+from iirp.kernels.warp import _check_size
 
 __all__ = ["ncc", "fused_ncc_score"]
 
@@ -35,22 +41,18 @@ __all__ = ["ncc", "fused_ncc_score"]
 _VAR_REL_TOL = 1e-10
 
 
-_CHUNK = 1 << 16  # elements per parallel work item of the moment sums
+_CHUNK = 1 << 16  # elements per partial sum of ncc()
 
 
-@njit(parallel=True, cache=True, fastmath=False)
-def _centered_sums(a, b, ma, mb):  # pragma: no cover - compiled
-    """Partial float64 sums of da, db, da*da, db*db, da*db with ``da = a - ma``, ``db = b - mb``.
+@njit(nogil=True, cache=True, fastmath=False)
+def _centered_chunks(a, b, ma, mb, partials, first, stop):  # pragma: no cover - compiled
+    """Rows ``first <= k < stop`` of ``partials``: float64 sums of da, db, da*da, db*db, da*db over chunk k.
 
-    ``a`` and ``b`` are flat float32. Parallel over chunks of ``_CHUNK``
-    elements, each summed serially into its own row: returns ``(n_chunks, 5)``
-    partials, which the caller adds in a fixed order (so the result does not
-    depend on the thread count).
+    ``da = a - ma``, ``db = b - mb`` with ``a``, ``b`` flat float32; chunk k is
+    elements ``[k * _CHUNK, (k + 1) * _CHUNK)``, summed serially in element order.
     """
     n = a.shape[0]
-    n_chunks = (n + _CHUNK - 1) // _CHUNK
-    partials = np.zeros((n_chunks, 5), dtype=np.float64)
-    for chunk in prange(n_chunks):
+    for chunk in range(first, stop):
         sa = 0.0
         sb = 0.0
         saa = 0.0
@@ -69,58 +71,32 @@ def _centered_sums(a, b, ma, mb):  # pragma: no cover - compiled
         partials[chunk, 2] = saa
         partials[chunk, 3] = sbb
         partials[chunk, 4] = sab
+
+
+def _centered_sums(a: np.ndarray, b: np.ndarray, ma: float, mb: float) -> np.ndarray:
+    """``(n_chunks, 5)`` partial sums of :func:`_centered_chunks`, chunks spread over threads.
+
+    The caller adds the rows in a fixed order, so the result does not depend on the thread count.
+    """
+    n_chunks = -(-a.shape[0] // _CHUNK)
+    partials = np.zeros((n_chunks, 5), dtype=np.float64)
+    parallel_for(lambda first, stop: _centered_chunks(a, b, ma, mb, partials, first, stop), n_chunks, a.shape[0])
     return partials
 
 
-@njit(cache=True, fastmath=False)
-def _fused_slab(moving, fixed, planes, xi0, xi1, xw0, xw1, yi0, yi1, yw0, yw1, factor, x):  # pragma: no cover
-    """Sums of a, b, a*a, b*b, a*b (float64) over the slab ``x`` of the fused score (serial)."""
-    nx, ny, nz = moving.shape
-    i0, i1, wx0, wx1 = xi0[x], xi1[x], xw0[x], xw1[x]
-    fx = np.float32(x)
-    sa = 0.0
-    sb = 0.0
-    saa = 0.0
-    sbb = 0.0
-    sab = 0.0
-    for y in range(ny):
-        j0, j1, wy0, wy1 = yi0[y], yi1[y], yw0[y], yw1[y]
-        fy = np.float32(y)
-        for z in range(nz):
-            # the upsampled flow at (x, y, z), as upsample() writes it (vectors scaled by the factor)
-            u0, u1, u2 = _blend_xy(planes, i0, i1, j0, j1, wx0, wx1, wy0, wy1, z)
-            px = fx + factor * u0
-            py = fy + factor * u1
-            pz = np.float32(z) + factor * u2
-            b = np.float64(fixed[x, y, z])
-            sb += b
-            sbb += b * b
-            if _inside(px, py, pz, nx, ny, nz):
-                m0, m1, vx0, vx1 = _axis(px, nx)
-                n0, n1, vy0, vy1 = _axis(py, ny)
-                k0, k1, vz0, vz1 = _axis(pz, nz)
-                a = np.float64(_lerp3(moving, m0, m1, n0, n1, k0, k1, vx0, vx1, vy0, vy1, vz0, vz1))
-                sa += a
-                saa += a * a
-                sab += a * b
-    return sa, sb, saa, sbb, sab
+def _fused_sums(moving: np.ndarray, fixed: np.ndarray, flow: np.ndarray, factor: int) -> np.ndarray:
+    """Per-slab sums of a, b, a*a, b*b, a*b (float64), ``a = warp(moving, up_factor(flow))``, ``b = fixed``.
 
-
-@njit(parallel=True, cache=True, fastmath=False)
-def _fused_sums(moving, fixed, planes, xi0, xi1, xw0, xw1, yi0, yi1, yw0, yw1, factor):  # pragma: no cover
-    """Per-slab sums of a, b, a*a, b*b, a*b (float64), ``a = warp(moving, factor * blend(planes))``, ``b = fixed``.
-
-    ``moving`` and ``fixed`` are ``(X, Y, Z)``; ``planes`` the z-resized coarse flow
-    ``(3, x, y, Z)``; the x and y tables come from ``upsample._axis_table``.
-    Parallel over slabs x; returns ``(X, 5)`` partials, one row per slab, which
-    the caller adds in a fixed order (independent of the thread count).
+    Returns ``(X, 5)`` partials, one row per slab of the first axis (see
+    :func:`iirp.kernels._sampling.sample_tile` for the summation order), which
+    the caller adds in a fixed order: independent of the thread count.
     """
-    nx = moving.shape[0]
-    partials = np.zeros((nx, 5), dtype=np.float64)
-    for x in prange(nx):
-        sums = _fused_slab(moving, fixed, planes, xi0, xi1, xw0, xw1, yi0, yi1, yw0, yw1, factor, x)
-        for k in range(5):
-            partials[x, k] = sums[k]
+    planes, tx, ty = _flow_planes(flow, factor)
+    partials = np.zeros((moving.shape[0], 5), dtype=np.float64)
+    src = moving[None]
+    scale = np.float32(factor)  # the blended flow is scaled with its grid inside the kernel
+    parallel_for(lambda a, b: sample_tile(src, planes, *tx, *ty, scale, SCORE, src, fixed, partials, a, b),
+                 moving.shape[0], moving.size)
     return partials
 
 
@@ -145,8 +121,9 @@ def ncc(a: Any, b: Any) -> float:
 
     Unbiased standard deviations (divide by N - 1), float64 sums in two passes
     (means first), the counterpart of :func:`iirp.model.spatial.ncc`. Runs on
-    the CPU with numba, parallel over chunks whose partial sums are added in a
-    fixed order (independent of the thread count).
+    the CPU with numba, on ``numba.get_num_threads()`` threads over chunks of
+    65536 elements whose partial sums are added in a fixed order (independent of
+    the thread count).
 
     Args:
         a, b: arrays of the same shape (any number of dimensions, at least 2
@@ -187,8 +164,10 @@ def fused_ncc_score(moving: Any, fixed: Any, flow: Any, factor: int) -> float:
     sums of a, b, a², b², ab are accumulated in float64 per slab of the first
     axis and added in slab order (independent of the thread count). Neither the
     full-resolution flow nor the warped image is stored; the only temporary is
-    the coarse flow resized along z, ``(3, x, y, Z)`` (1/factor² of a full flow;
-    none for factor 1). Runs on the CPU with numba, parallel over the first axis.
+    the coarse flow resized along z, ``(3, x, y, Z)`` (1/factor² of a full flow,
+    kept in a work buffer of this thread between calls; none for factor 1). Runs
+    on the CPU with numba, on ``numba.get_num_threads()`` threads over ranges of
+    the first axis.
 
     The one-pass sums agree with the two-pass :func:`ncc` to ~1e-12 for [0, 1]
     images; a variance below 1e-10 of the mean square is taken as a constant image.
@@ -226,7 +205,6 @@ def fused_ncc_score(moving: Any, fixed: Any, flow: Any, factor: int) -> float:
     n = moving.size
     if n < 2:
         raise ValueError(f"fused_ncc_score() 'moving' needs at least 2 voxels, got shape {tuple(moving.shape)}")
-    planes, tx, ty = _flow_planes(flow, factor)
-    # the blended flow is scaled by the factor inside the kernel (voxel-unit flow follows its grid)
-    partials = _fused_sums(moving, fixed, planes, *tx, *ty, np.float32(factor))
+    _check_size("fused_ncc_score", moving.shape)
+    partials = _fused_sums(moving, fixed, flow, factor)
     return _ncc_from_sums(n, *_total(partials))

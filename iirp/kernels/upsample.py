@@ -13,9 +13,9 @@ Flows are ``(3, x, y, z)`` float32 displacements in voxels of their own grid,
 component c along array axis c (see :mod:`iirp.runtime.geometry`). Since a
 voxel-unit flow is measured on its grid, upsampling scales the vectors by s.
 
-The helpers :func:`_axis_table`, :func:`_zlerp_planes` and :func:`_blend_xy`
-are shared with :mod:`iirp.kernels.score`, so the fused score sees exactly the
-upsampled flow that :func:`upsample` writes.
+The helpers :func:`_axis_table` and :func:`_zlerp_planes` are shared with
+:mod:`iirp.kernels.score`, which blends the planes exactly as :func:`_upsample_rows`
+does, so the fused score sees exactly the upsampled flow that :func:`upsample` writes.
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ from __future__ import annotations
 from typing import Optional
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from iirp.kernels._checks import as_float32, check_factor, check_ndim, check_out, check_shape
+from iirp.kernels._parallel import parallel_for, work_buffer
 
 __all__ = ["upsample", "upsample2"]
 
@@ -56,62 +57,59 @@ def _axis_table(n: int, size: int) -> _Table:
     return i0, i1, w0, w1
 
 
-@njit(cache=True, fastmath=False)
-def _zlerp_planes(flow, k0, k1, wz0, wz1):  # pragma: no cover - compiled
-    """Resize along z only: ``(3, x, y, z) -> (3, x, y, Z)`` (the innermost blend).
+@njit(nogil=True, cache=True, fastmath=False)
+def _zlerp_planes(flow, k0, k1, wz0, wz1, planes, x_start, x_stop):  # pragma: no cover - compiled
+    """Resize ``flow (3, x, y, z)`` along z only into ``planes (3, x, y, Z)``, coarse slabs ``x_start .. x_stop``.
 
-    Serial: it touches 1/factor² of the output voxels (about 2 ms at full size
-    for factor 2), and a parallel loop would cost seconds more of compilation.
+    ``planes[c, x, y, Z] = wz0[Z] * flow[c, x, y, k0[Z]] + wz1[Z] * flow[c, x, y, k1[Z]]``
+    (float32): the innermost blend of the trilinear resize, written in place.
     """
-    nc, nx, ny, _ = flow.shape
+    nc, _, ny, _ = flow.shape
     nz = k0.shape[0]
-    planes = np.empty((nc, nx, ny, nz), dtype=np.float32)
-    for x in range(nx):
+    for x in range(x_start, x_stop):
         for c in range(nc):
             for y in range(ny):
                 for z in range(nz):
                     planes[c, x, y, z] = wz0[z] * flow[c, x, y, k0[z]] + wz1[z] * flow[c, x, y, k1[z]]
-    return planes
 
 
-@njit(cache=True)
-def _blend_xy(planes, i0, i1, j0, j1, wx0, wx1, wy0, wy1, z):  # pragma: no cover - compiled
-    """Blend z-resized planes over y then x at one output voxel: the 3 trilinear components, unscaled."""
-    u0 = wx0 * (wy0 * planes[0, i0, j0, z] + wy1 * planes[0, i0, j1, z]) + wx1 * (
-        wy0 * planes[0, i1, j0, z] + wy1 * planes[0, i1, j1, z]
-    )
-    u1 = wx0 * (wy0 * planes[1, i0, j0, z] + wy1 * planes[1, i0, j1, z]) + wx1 * (
-        wy0 * planes[1, i1, j0, z] + wy1 * planes[1, i1, j1, z]
-    )
-    u2 = wx0 * (wy0 * planes[2, i0, j0, z] + wy1 * planes[2, i0, j1, z]) + wx1 * (
-        wy0 * planes[2, i1, j0, z] + wy1 * planes[2, i1, j1, z]
-    )
-    return u0, u1, u2
+@njit(nogil=True, cache=True, fastmath=False)
+def _upsample_rows(planes, xi0, xi1, xw0, xw1, yi0, yi1, yw0, yw1, factor, out, x_start, x_stop):  # pragma: no cover
+    """``out = factor * blend(planes)`` on the fine slabs ``x_start <= x < x_stop``.
 
-
-@njit(parallel=True, cache=True, fastmath=False)
-def _upsample_kernel(planes, xi0, xi1, xw0, xw1, yi0, yi1, yw0, yw1, factor, out):  # pragma: no cover
-    """``out[:, x, y, z] = factor * blend`` over z-resized ``planes``; prange over x."""
-    _, nx, ny, nz = out.shape
-    for x in prange(nx):
+    ``out[c, x, y, z] = factor * (wx0 * (wy0 * p00 + wy1 * p01) + wx1 * (wy0 * p10 + wy1 * p11))``
+    with ``pij = planes[c, xi_i[x], yi_j[y], z]``: the z-resized planes blended over
+    y, then x (float32, in exactly that order: e109593's ``_blend_xy`` and
+    ``upsample.cu``), then scaled; a whole row at a time, so the z loop vectorizes.
+    :func:`iirp.kernels._sampling.sample_tile` blends the planes the same way.
+    """
+    _, _, ny, nz = out.shape
+    for x in range(x_start, x_stop):
         i0, i1, wx0, wx1 = xi0[x], xi1[x], xw0[x], xw1[x]
         for y in range(ny):
             j0, j1, wy0, wy1 = yi0[y], yi1[y], yw0[y], yw1[y]
-            for z in range(nz):
-                u0, u1, u2 = _blend_xy(planes, i0, i1, j0, j1, wx0, wx1, wy0, wy1, z)
-                out[0, x, y, z] = factor * u0
-                out[1, x, y, z] = factor * u1
-                out[2, x, y, z] = factor * u2
+            for c in range(3):
+                p00 = planes[c, i0, j0]
+                p01 = planes[c, i0, j1]
+                p10 = planes[c, i1, j0]
+                p11 = planes[c, i1, j1]
+                row = out[c, x, y]
+                for z in range(nz):
+                    row[z] = factor * (wx0 * (wy0 * p00[z] + wy1 * p01[z]) + wx1 * (wy0 * p10[z] + wy1 * p11[z]))
 
 
 def _flow_planes(flow: np.ndarray, factor: int) -> tuple[np.ndarray, _Table, _Table]:
     """Z-resized planes ``(3, x, y, factor*z)`` plus the x and y tables (internal, shared with score).
 
-    For ``factor == 1`` the planes are ``flow`` itself (the z resize is the identity).
+    For ``factor == 1`` the planes are ``flow`` itself (the z resize is the identity);
+    otherwise they live in a work buffer of this thread, valid until the next call.
     """
     _, nx, ny, nz = flow.shape
     tx, ty, tz = (_axis_table(n, factor * n) for n in (nx, ny, nz))
-    planes = flow if factor == 1 else _zlerp_planes(flow, *tz)
+    if factor == 1:
+        return flow, tx, ty
+    planes = work_buffer("planes", 3 * nx * ny * factor * nz).reshape((3, nx, ny, factor * nz))
+    parallel_for(lambda a, b: _zlerp_planes(flow, *tz, planes, a, b), nx, planes.size)
     return planes, tx, ty
 
 
@@ -120,7 +118,8 @@ def upsample(flow: np.ndarray, factor: int, *, out: Optional[np.ndarray] = None)
 
     Matches ``factor * F.interpolate(flow[None], size=(s x, s y, s z),
     mode="trilinear", align_corners=True)`` (see :func:`iirp.model.spatial.upsample_flow`).
-    Runs on the CPU with numba, parallel over the first spatial axis.
+    Runs on the CPU with numba, on ``numba.get_num_threads()`` threads over
+    ranges of the first spatial axis.
 
     Args:
         flow: ``(3, x, y, z)`` displacement in voxels of the coarse grid,
@@ -152,7 +151,8 @@ def upsample(flow: np.ndarray, factor: int, *, out: Optional[np.ndarray] = None)
         return result
     planes, tx, ty = _flow_planes(flow, factor)
     # a voxel-unit flow is rescaled with its grid: multiply by the factor
-    _upsample_kernel(planes, *tx, *ty, np.float32(factor), result)
+    scale = np.float32(factor)
+    parallel_for(lambda a, b: _upsample_rows(planes, *tx, *ty, scale, result, a, b), shape[1], result.size)
     return result
 
 

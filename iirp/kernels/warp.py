@@ -10,13 +10,17 @@ their own grid, component c along array axis c. Sampling is trilinear with
 ``align_corners=True`` semantics (voxel centres at integer indices) and zero
 padding: each of the 8 corners that falls outside the volume contributes 0,
 exactly as ``torch.nn.functional.grid_sample(..., mode="bilinear",
-padding_mode="zeros", align_corners=True)``.
+padding_mode="zeros", align_corners=True)``. The per-voxel float32 arithmetic
+(``fastmath`` off) is stated in :mod:`iirp.kernels._sampling`; the results are
+bit for bit those of the e109593 kernels and of the CUDA ``warp.cu``.
 
-Arithmetic is float32 with ``fastmath`` off (no FMA contraction, no
-reassociation); every output voxel is computed independently, so results are
-deterministic and independent of the thread count. The helpers :func:`_axis` and :func:`_lerp3`
-are shared with :mod:`iirp.kernels.score` so the fused score samples the
-moving image bit for bit as :func:`warp` does.
+Two paths, same arithmetic per channel: volumes and flows (fewer than 8
+channels) go through :func:`iirp.kernels._sampling.sample_tile`, which gathers
+and blends one channel at a time along a row; feature maps of 8 or more
+channels are first copied channels-last, so that the 8 corners of a voxel are 8
+contiguous vectors of C channels and one vectorized loop blends all channels
+(:func:`_warp_cl_tile`). Every output voxel is computed independently:
+deterministic, independent of the thread count.
 """
 
 from __future__ import annotations
@@ -24,91 +28,142 @@ from __future__ import annotations
 from typing import Optional
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from iirp.kernels._checks import as_float32, check_ndim, check_out, check_shape
+from iirp.kernels._parallel import parallel_for, work_buffer
+from iirp.kernels._sampling import _NF, _NI, CHUNK, COMPOSE, WARP, _corners, sample_tile
 
 __all__ = ["warp", "compose"]
 
-_ONE = np.float32(1.0)
+#: Channels blended together by the channels-last warp: LLVM only enters its vector loop for
+#: 16 or more iterations, so fewer channels are padded with spare lanes (computed, then dropped).
+LANES = 16
+#: Feature maps with at least this many channels are warped through a channels-last copy.
+_CL_MIN_CHANNELS = 8
+#: Largest number of voxels the 32-bit voxel offsets of the kernels can address.
+_MAX_VOXELS = 2**31 - 1
+
 _ZERO = np.float32(0.0)
-_MINUS_ONE = np.float32(-1.0)
 
 
-@njit(cache=True)
-def _axis(t, n):  # pragma: no cover - compiled
-    """Corners and weights of float32 coordinate ``t`` on an axis of ``n`` voxels.
-
-    Returns ``(i0, i1, w0, w1)``: the two corner indices, clamped into
-    ``[0, n)``, and their weights, set to 0 for a corner outside the axis
-    (zero padding). The caller guarantees ``-1 < t < n``, so no index overflows.
-    """
-    f = np.floor(t)
-    w1 = t - f
-    w0 = _ONE - w1
-    i0 = np.int64(f)
-    i1 = i0 + 1
-    if i0 < 0:  # only i0 == -1 is possible here
-        i0 = 0
-        w0 = _ZERO
-    if i1 > n - 1:  # only i1 == n is possible here
-        i1 = n - 1
-        w1 = _ZERO
-    return i0, i1, w0, w1
-
-
-@njit(cache=True)
-def _inside(x, y, z, nx, ny, nz):  # pragma: no cover - compiled
-    """True when at least one corner of float32 ``(x, y, z)`` can lie in the volume; False for NaN and inf."""
-    return (
-        x > _MINUS_ONE and x < np.float32(nx)
-        and y > _MINUS_ONE and y < np.float32(ny)
-        and z > _MINUS_ONE and z < np.float32(nz)
-    )
-
-
-@njit(cache=True)
-def _lerp3(vol, i0, i1, j0, j1, k0, k1, wx0, wx1, wy0, wy1, wz0, wz1):  # pragma: no cover - compiled
-    """Trilinear blend of the 3-D volume ``vol`` at the given corners: z innermost, then y, then x."""
-    v00 = wz0 * vol[i0, j0, k0] + wz1 * vol[i0, j0, k1]
-    v01 = wz0 * vol[i0, j1, k0] + wz1 * vol[i0, j1, k1]
-    v10 = wz0 * vol[i1, j0, k0] + wz1 * vol[i1, j0, k1]
-    v11 = wz0 * vol[i1, j1, k0] + wz1 * vol[i1, j1, k1]
-    return wx0 * (wy0 * v00 + wy1 * v01) + wx1 * (wy0 * v10 + wy1 * v11)
-
-
-@njit(parallel=True, cache=True, fastmath=False)
-def _warp_kernel(src, flow, out, add_flow):  # pragma: no cover - compiled
-    """``out[c, p] = src[c](p + flow[:, p])`` (+ ``flow[c, p]`` when ``add_flow``); prange over x."""
+@njit(nogil=True, cache=True, fastmath=False)
+def _to_channels_last(src, cl, x_start, x_stop):  # pragma: no cover - compiled
+    """Copy slabs ``x_start <= x < x_stop`` of ``src`` ``(C, X, Y, Z)`` into ``cl[((x * Y + y) * Z + z) * C + c]``."""
     nc, nx, ny, nz = src.shape
-    for x in prange(nx):
-        fx = np.float32(x)
+    dst = cl[:nc * nx * ny * nz].reshape((nx, ny, nz, nc))
+    for x in range(x_start, x_stop):
         for y in range(ny):
-            fy = np.float32(y)
-            for z in range(nz):
-                px = fx + flow[0, x, y, z]
-                py = fy + flow[1, x, y, z]
-                pz = np.float32(z) + flow[2, x, y, z]
-                if _inside(px, py, pz, nx, ny, nz):
-                    i0, i1, wx0, wx1 = _axis(px, nx)
-                    j0, j1, wy0, wy1 = _axis(py, ny)
-                    k0, k1, wz0, wz1 = _axis(pz, nz)
-                    for c in range(nc):
-                        v = _lerp3(src[c], i0, i1, j0, j1, k0, k1, wx0, wx1, wy0, wy1, wz0, wz1)
-                        if add_flow:
-                            v = v + flow[c, x, y, z]
-                        out[c, x, y, z] = v
-                else:
-                    for c in range(nc):
-                        out[c, x, y, z] = flow[c, x, y, z] if add_flow else _ZERO
+            d = dst[x, y]
+            for c in range(nc):
+                s = src[c, x, y]
+                for z in range(nz):
+                    d[z, c] = s[z]
+
+
+@njit(nogil=True, cache=True, fastmath=False)
+def _warp_cl_tile(cl, flow, out, x_start, x_stop):  # pragma: no cover - compiled
+    """Warp slabs ``x_start <= x < x_stop`` of ``out`` ``(C, X, Y, Z)`` from the channels-last copy ``cl``.
+
+    ``cl`` holds ``src[c, i, j, k]`` at ``((i * Y + j) * Z + k) * C + c`` plus :data:`LANES`
+    spare values. Per voxel the 8 corner vectors of C channels are blended in one
+    loop over ``max(C, LANES)`` lanes (vectorized; lanes past C read the next
+    voxel's channels and are dropped), into a chunk buffer (zeros for a point
+    without a corner inside) that is then written out channel by channel. Same
+    per-channel arithmetic as :func:`iirp.kernels._sampling.sample_tile`.
+    """
+    nc, nx, ny, nz = out.shape
+    fb = np.empty((_NF, CHUNK), np.float32)
+    ib = np.empty((_NI, CHUNK), np.uint32)
+    tmp = np.empty(CHUNK * nc + LANES, np.float32)
+    unc = np.uint64(nc)
+    lanes = np.uint64(max(nc, LANES))
+    for y in range(ny):
+        fy = np.float32(y)
+        for x in range(x_start, x_stop):
+            fx = np.float32(x)
+            for z0 in range(0, nz, CHUNK):
+                n = min(CHUNK, nz - z0)
+                for t in range(n):
+                    z = np.uint64(z0 + t)
+                    fb[0, t] = fx + flow[0, x, y, z]
+                    fb[1, t] = fy + flow[1, x, y, z]
+                    fb[2, t] = np.float32(z0 + t) + flow[2, x, y, z]
+                _corners(fb, ib, n, nx, ny, nz)
+                for t in range(n):
+                    base = np.uint64(t) * unc
+                    if fb[9, t] == _ZERO:  # no corner inside: zeros
+                        for c in range(lanes):
+                            tmp[base + c] = _ZERO
+                        continue
+                    wx0 = fb[3, t]
+                    wx1 = fb[4, t]
+                    wy0 = fb[5, t]
+                    wy1 = fb[6, t]
+                    wz0 = fb[7, t]
+                    wz1 = fb[8, t]
+                    dk = np.uint64(ib[4, t]) * unc
+                    a0 = np.uint64(ib[0, t]) * unc
+                    b0 = np.uint64(ib[1, t]) * unc
+                    c0 = np.uint64(ib[2, t]) * unc
+                    d0 = np.uint64(ib[3, t]) * unc
+                    a1 = a0 + dk
+                    b1 = b0 + dk
+                    c1 = c0 + dk
+                    d1 = d0 + dk
+                    for c in range(lanes):
+                        v00 = wz0 * cl[a0 + c] + wz1 * cl[a1 + c]
+                        v01 = wz0 * cl[b0 + c] + wz1 * cl[b1 + c]
+                        v10 = wz0 * cl[c0 + c] + wz1 * cl[c1 + c]
+                        v11 = wz0 * cl[d0 + c] + wz1 * cl[d1 + c]
+                        tmp[base + c] = wx0 * (wy0 * v00 + wy1 * v01) + wx1 * (wy0 * v10 + wy1 * v11)
+                for c in range(nc):
+                    for t in range(n):
+                        out[c, x, y, np.uint64(z0 + t)] = tmp[t * nc + c]
+
+
+def _identity_tables(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Resize tables of an axis onto itself (``upsample._axis_table(n, n)``): its blend is the identity."""
+    p = np.arange(n, dtype=np.int64)
+    return p, p, np.ones(n, np.float32), np.zeros(n, np.float32)
+
+
+def _check_size(func: str, spatial: tuple[int, ...]) -> None:
+    """Reject volumes the 32-bit voxel offsets cannot address (over 2**31 - 1 voxels, 8 GiB per channel)."""
+    n = int(np.prod(spatial))
+    if n > _MAX_VOXELS:
+        raise ValueError(f"{func}() volumes of more than {_MAX_VOXELS} voxels are not supported, got {n}")
+
+
+def _sample(src: np.ndarray, flow: np.ndarray, out: np.ndarray, mode: int) -> None:
+    """:func:`sample_tile` over all x slabs: ``out = warp(src, flow)`` (``+ flow`` for :data:`COMPOSE`)."""
+    tables = _identity_tables(flow.shape[1]) + _identity_tables(flow.shape[2])
+    dummy = np.zeros((1, 1, 1), np.float32)
+    partials = np.zeros((1, 5), np.float64)
+    factor = np.float32(1.0)
+    parallel_for(lambda a, b: sample_tile(src, flow, *tables, factor, mode, out, dummy, partials, a, b),
+                 flow.shape[1], out.size)
+
+
+def _warp_channels_last(src: np.ndarray, flow: np.ndarray, out: np.ndarray) -> None:
+    """``out = warp(src, flow)`` for ``src`` ``(C, X, Y, Z)`` through a channels-last work buffer."""
+    cl = work_buffer("channels_last", src.size + LANES)
+    cl[src.size:] = 0  # read by the spare lanes of the last voxel
+    nx = src.shape[1]
+    parallel_for(lambda a, b: _to_channels_last(src, cl, a, b), nx, src.size)
+    parallel_for(lambda a, b: _warp_cl_tile(cl, flow, out, a, b), nx, src.size)
 
 
 def warp(src: np.ndarray, flow: np.ndarray, *, out: Optional[np.ndarray] = None) -> np.ndarray:
     """``warp(src, u)(p) = src(p + u(p))``: trilinear, align_corners=True, zeros outside.
 
     Matches ``grid_sample(src[None], grid, padding_mode="zeros", align_corners=True)``
-    (see :func:`iirp.model.spatial.warp`) to float32 rounding. Runs on the CPU
-    with numba, parallel over the first spatial axis.
+    (see :func:`iirp.model.spatial.warp`) to float32 rounding; the per-voxel float32
+    arithmetic is the contract of :mod:`iirp.kernels._sampling` (bit for bit the
+    CUDA ``warp.cu``). Runs on the CPU with numba, on ``numba.get_num_threads()``
+    threads over ranges of the first spatial axis. A feature map of 8 or more
+    channels is sampled through a channels-last copy kept in a work buffer of this
+    thread between calls (the size of ``src``).
 
     Args:
         src: ``(X, Y, Z)`` or ``(C, X, Y, Z)`` volume to sample (CPU, any units).
@@ -134,16 +189,22 @@ def warp(src: np.ndarray, flow: np.ndarray, *, out: Optional[np.ndarray] = None)
     spatial = src.shape[-3:]
     check_shape("warp", "flow", flow, (3, *spatial))
     result = check_out("warp", out, src.shape, {"src": src, "flow": flow})
+    _check_size("warp", spatial)
     src4 = src.reshape((-1, *spatial))
-    _warp_kernel(src4, flow, result.reshape(src4.shape), False)
+    out4 = result.reshape(src4.shape)
+    if src4.shape[0] >= _CL_MIN_CHANNELS:
+        _warp_channels_last(src4, flow, out4)
+    else:
+        _sample(src4, flow, out4, WARP)
     return result
 
 
 def compose(phi: np.ndarray, du: np.ndarray, *, out: Optional[np.ndarray] = None) -> np.ndarray:
     """``compose(phi, du) = warp(phi, du) + du`` in one pass: apply du first, then phi.
 
-    Bit for bit ``warp(phi, du) + du`` (same float32 arithmetic). Runs on the
-    CPU with numba, parallel over the first spatial axis.
+    Bit for bit ``warp(phi, du) + du`` (same float32 arithmetic; a voxel whose
+    sample point has no corner inside gets ``du`` itself). Runs on the CPU with
+    numba, on ``numba.get_num_threads()`` threads over ranges of the first spatial axis.
 
     Args:
         phi: ``(3, X, Y, Z)`` displacement in voxels, component c along axis c.
@@ -169,5 +230,6 @@ def compose(phi: np.ndarray, du: np.ndarray, *, out: Optional[np.ndarray] = None
         check_shape("compose", "phi", phi, (3, *phi.shape[1:]))
     check_shape("compose", "du", du, phi.shape)
     result = check_out("compose", out, phi.shape, {"phi": phi, "du": du})
-    _warp_kernel(phi, du, result, True)
+    _check_size("compose", phi.shape[1:])
+    _sample(phi, du, result, COMPOSE)
     return result
