@@ -2,9 +2,13 @@
 // corners, the align_corners=True resize table. Included by warp.cu,
 // upsample.cu and score.cu; compiled with NVRTC by iirp.kernels.cuda_build.
 //
-// These are line-for-line ports of the numba reference (iirp/kernels/warp.py
-// `_axis`, `_inside`, `_lerp3`; iirp/kernels/upsample.py `_axis_table`,
-// `_zlerp_planes`, `_blend_xy`). cuda_build compiles with --fmad=false and IEEE
+// They compute, operation for operation, what the numba kernels compute per
+// voxel: the per-voxel rule of iirp/kernels/_sampling.py (`_corners`,
+// `sample_tile`) and iirp/kernels/upsample.py (`_axis_table`, `_zlerp_planes`,
+// `_upsample_rows`), written there row-chunked for vectorization; the readable
+// per-voxel form they were ported from is the frozen e109593 copy in
+// tests/kernels/numba_e109593.py (`_axis`, `_inside`, `_lerp3`, `_blend_xy`),
+// which the numba kernels are tested bit-identical to. cuda_build compiles with --fmad=false and IEEE
 // division, so every float32 operation below rounds exactly as numba's
 // (fastmath off): the GPU results match the CPU kernels bit for bit.
 //
@@ -64,7 +68,7 @@ struct iirp_corners {
     float w1;
 };
 
-// numba warp._axis: corners and weights of float32 coordinate t on an axis of
+// e109593 warp._axis (now _sampling._corners): corners and weights of float32 coordinate t on an axis of
 // n voxels; a corner outside [0, n) is clamped and gets weight 0 (zero padding).
 // The caller guarantees -1 < t < n (see iirp_inside).
 __device__ __forceinline__ iirp_corners iirp_axis(float t, int n)
@@ -86,14 +90,14 @@ __device__ __forceinline__ iirp_corners iirp_axis(float t, int n)
     return c;
 }
 
-// numba warp._inside: true when at least one corner of (x, y, z) can lie in
+// e109593 warp._inside (now in _sampling._corners): true when at least one corner of (x, y, z) can lie in
 // the volume; false for NaN and infinities.
 __device__ __forceinline__ bool iirp_inside(float x, float y, float z, int nx, int ny, int nz)
 {
     return x > -1.0f && x < (float)nx && y > -1.0f && y < (float)ny && z > -1.0f && z < (float)nz;
 }
 
-// numba warp._lerp3: trilinear blend of one (X, Y, Z) volume, z innermost,
+// e109593 warp._lerp3 (now _sampling.sample_tile): trilinear blend of one (X, Y, Z) volume, z innermost,
 // then y, then x.
 template <typename T>
 __device__ __forceinline__ float iirp_lerp3(const T* __restrict__ vol, int ny, int nz, const iirp_corners& cx,
@@ -147,7 +151,7 @@ __device__ __forceinline__ float iirp_zlerp(const float* __restrict__ f, int i, 
     return cz.w0 * f[row + cz.i0] + cz.w1 * f[row + cz.i1];
 }
 
-// numba upsample._blend_xy for one channel: blend four z-resized plane values
+// e109593 upsample._blend_xy (now upsample._upsample_rows) for one channel: blend four z-resized plane values
 // over y, then x (unscaled).
 __device__ __forceinline__ float iirp_blend_xy(float p00, float p01, float p10, float p11, const iirp_corners& cx,
                                                const iirp_corners& cy)

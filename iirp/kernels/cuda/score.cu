@@ -1,7 +1,8 @@
 // Fused IterStop score: the five float64 sums of a, b, a*a, b*b, a*b with
 // a = warp(moving, up_s(flow)) and b = fixed, over the full-resolution grid,
 // without storing the upsampled flow or the warped image (SPEC section 5).
-// The CUDA port of iirp/kernels/score.py `_fused_slab`: per voxel the coarse
+// The CUDA port of the fused score (iirp/kernels/score.py `_fused_sums`, through
+// _sampling.sample_tile; e109593 `_fused_slab`): per voxel the coarse
 // flow is upsampled on the fly exactly as upsample.cu / `upsample()` write it
 // and the moving image is sampled exactly as warp.cu / `warp()` do (see
 // sampling.cuh), so every per-voxel term equals the numba one bit for bit;
