@@ -127,3 +127,22 @@ def test_tensorrt_engines_for_another_gpu_or_version() -> None:
 def test_trt_engine_requested_from_an_onnx_only_folder(exported: tuple[dict, Path], tmp_path: Path) -> None:
     line = _run_error(exported[0], exported[1], tmp_path, "--engine", "trt")
     assert "TensorRT" in line
+
+
+def test_defaults_name_the_engine_and_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    import builtins
+
+    from iirp.runtime.solvers import default_device, default_engine, fastest_cpu_engine
+
+    assert default_engine("m.pt", None) == "reference" and default_engine(None, "engines") == "ort"
+    assert default_device("trt") == "cuda" and default_device("openvino") == "cpu"
+    assert fastest_cpu_engine() == "openvino"  # a normal dependency
+    real_import = builtins.__import__
+
+    def without_openvino(name: str, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if name == "openvino" or name.startswith("openvino."):
+            raise ImportError("no openvino here")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", without_openvino)
+    assert fastest_cpu_engine() == "ort"
