@@ -25,6 +25,8 @@ __all__ = [
     "apply_field",
     "jacobian_determinant",
     "folding_fraction",
+    "folding_fraction_of_flow",
+    "is_reoriented_grid",
 ]
 
 
@@ -108,7 +110,7 @@ def warp_on_model_grid(image: sitk.Image, flow: np.ndarray, grid: ModelGrid, ref
     """
     from iirp.kernels.resample import warp_image, warp_labels
 
-    if not (same_grid(orient(image, _orientation(grid)), grid) and _reoriented(grid.reference_image(), reference)):
+    if not (same_grid(orient(image, _orientation(grid)), grid) and is_reoriented_grid(grid, reference)):
         return None
     array = array_from_image(image, dtype=None if labels else np.float32)  # in the image's own axis order
     if labels and array.dtype.kind not in "iu":
@@ -168,3 +170,17 @@ def jacobian_determinant(field: sitk.Image) -> sitk.Image:
 def folding_fraction(field: sitk.Image) -> float:
     """Share of voxels whose Jacobian determinant (:func:`jacobian_determinant`) is <= 0."""
     return float((sitk.GetArrayFromImage(jacobian_determinant(field)) <= 0).mean())
+
+
+def is_reoriented_grid(grid: ModelGrid, image: sitk.Image) -> bool:
+    """True when ``image``'s grid is ``grid`` up to a lossless reorientation (axes permuted and flipped)."""
+    return _reoriented(grid.reference_image(sitk.sitkUInt8), image) is not None
+
+
+def folding_fraction_of_flow(flow: np.ndarray, grid: ModelGrid) -> float:
+    """:func:`folding_fraction` of the field :func:`displacement_field` makes from ``flow`` without pre-alignment
+    on a fixed grid that is ``grid`` (up to a reorientation, which leaves every determinant unchanged),
+    computed on the flow itself (:func:`iirp.kernels.jacobian.folding_count`): no float64 field in mm."""
+    from iirp.kernels.jacobian import folding_count
+
+    return folding_count(flow, grid.spacing) / float(np.prod(flow.shape[1:]))

@@ -30,7 +30,14 @@ from iirp.errors import OutputError, RegistrationError
 from iirp.iterstop import DEFAULT_DELTA, DEFAULT_MAX_ITERS, IterStopRule, parse_iterstop
 from iirp.manifest import ContractError, ModelContract
 from iirp.runtime.affine import read_transform, register_affine
-from iirp.runtime.deformation import apply_field, displacement_field, folding_fraction, warp_on_model_grid
+from iirp.runtime.deformation import (
+    apply_field,
+    displacement_field,
+    folding_fraction,
+    folding_fraction_of_flow,
+    is_reoriented_grid,
+    warp_on_model_grid,
+)
 from iirp.runtime.geometry import ModelGrid, array_from_image, model_grid_for, orient, same_grid
 from iirp.runtime.imageio import REGISTRATION_OUTPUTS, AtomicOutputDir, check_output_dir, read_image, read_labels
 from iirp.runtime.intensity import IntensityRule, normalize, parse_intensity
@@ -278,6 +285,12 @@ def register_images(
     timings["warp"] = (time.perf_counter() - t0) * 1e3
     if warped_seg is not None and not _any_label(warped_seg):
         warnings.append("no label of the moving label map reached the fixed image's grid: warped_seg is empty")
+    t0 = time.perf_counter()
+    if pair.pre_alignment is None and is_reoriented_grid(pair.grid, fixed):  # the field is the flow, reoriented
+        folding = folding_fraction_of_flow(trace.flow, pair.grid)
+    else:
+        folding = folding_fraction(field)
+    timings["folding"] = (time.perf_counter() - t0) * 1e3
     if pair.pre_alignment is None and same_grid(moving, fixed):
         before = moving  # what "before deformable registration" looks like needs no resampling
     else:
@@ -299,7 +312,7 @@ def register_images(
         "iterations": list(trace.iterations),
         "estimator_passes": trace.estimator_passes,
         "scores": trace.scores,
-        "folding_fraction": folding_fraction(field),
+        "folding_fraction": folding,
         "intensity": pair.intensity,
         "pre_alignment": (
             "initial_transform" if options.initial_transform is not None else "affine" if options.affine else None
