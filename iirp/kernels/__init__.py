@@ -26,13 +26,14 @@ a C-contiguous float32 array of the result's shape, not overlapping the inputs.
 Importing this package imports numba (not torch); compilation happens on the
 first call of each function and is cached on disk next to the sources. Large
 scratch arrays (a channels-last copy of a warped feature map, the z-resized
-flow of the score) are kept per thread between calls.
+flow of the score) are kept per thread between calls, until :func:`release_scratch`.
 """
 
 from __future__ import annotations
 
+from iirp.kernels._parallel import release_work_buffers as release_scratch
 from iirp.kernels.score import fused_ncc_score, ncc
 from iirp.kernels.upsample import upsample, upsample2
 from iirp.kernels.warp import compose, warp
 
-__all__ = ["warp", "compose", "upsample", "upsample2", "ncc", "fused_ncc_score"]
+__all__ = ["warp", "compose", "upsample", "upsample2", "ncc", "fused_ncc_score", "release_scratch"]

@@ -26,7 +26,7 @@ from typing import Callable, Optional
 import numba
 import numpy as np
 
-__all__ = ["SERIAL_WORK", "parallel_for", "work_buffer"]
+__all__ = ["SERIAL_WORK", "parallel_for", "work_buffer", "release_work_buffers"]
 
 #: Calls that write fewer values than this run on the calling thread alone: handing
 #: out work costs more than it saves (and on a busy machine a woken thread may start late).
@@ -100,3 +100,12 @@ def work_buffer(name: str, size: int, dtype: type = np.float32) -> np.ndarray:
     if buf is None or buf.size < size or buf.dtype != dtype:
         buf = buffers[name] = np.empty(size, dtype=dtype)
     return buf[:size]
+
+
+def release_work_buffers() -> None:
+    """Drop this thread's scratch arrays (:func:`work_buffer`); later calls allocate again.
+
+    The pipeline calls it after each registration (:func:`iirp.kernels.release_scratch`), so that a
+    full-size channels-last copy (157 MB) does not outlive the registration that needed it.
+    """
+    _local.__dict__.pop("buffers", None)

@@ -130,6 +130,9 @@ def register_arrays_with_engines(
         trace = run_iterstop(EngineLevelOps(stages, m, f, clock), rule)
     finally:
         stages.trim()  # no stage's working memory outlives the registration
+        release_scratch = getattr(placement.kernels, "release_scratch", None)  # nor the kernels' scratch
+        if release_scratch is not None:
+            release_scratch()
     t0 = clock.start()
     flow = placement.download(trace.flow)  # the one download (synchronizes)
     clock.stop("download", t0)
