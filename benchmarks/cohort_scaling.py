@@ -59,10 +59,9 @@ def _pairs(folder: Path, count: int, make: bool = True) -> list[Any]:
 
 
 def _options() -> Any:
-    from iirp.demo.run import DEMO_SPACING
     from iirp.runtime.register import RegistrationOptions
 
-    return RegistrationOptions(model_spacing=(DEMO_SPACING,) * 3)
+    return RegistrationOptions()  # the demo model's 2.5 mm grid comes from its manifest
 
 
 class _Clock:

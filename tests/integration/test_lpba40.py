@@ -9,7 +9,7 @@ depend on how the fixed image is stored; and raw native scans with ``--affine``
 must come out on their own grid. To fit CI, the registrations run on the
 onnxruntime engine and the reference runs once, with the ``rpnet`` rule (every
 stage, one pass each); the reference's ``official`` iterations on this pair,
-[1, 2, 2, 1] (benchmarks/results/cpu_pipeline.md), are pinned for the engine.
+[1, 2, 2, 1] (benchmarks/results/cpu_engines.md), are pinned for the engine.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def canonical_official(ort_solver, brain: dict[str, Path], tmp_path_factory: pyt
     return _register_canonical(ort_solver, brain, tmp_path_factory.mktemp("official"), "official")
 
 
-#: The PyTorch reference's official iterations (levels 4..1) on S05 <- S20 (cpu_pipeline.md, the core tests).
+#: The PyTorch reference's official iterations (levels 4..1) on S05 <- S20 (cpu_engines.md, the core tests).
 REFERENCE_OFFICIAL_ITERATIONS = [1, 2, 2, 1]
 
 
