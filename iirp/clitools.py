@@ -24,8 +24,10 @@ This module makes that hold for all four commands:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -239,8 +241,27 @@ class _OneLine:
             code = 2
         code = code if isinstance(code, int) else 0
         if standalone_mode:
+            if args is None:  # the console script itself (CliRunner and other in-process callers pass args)
+                _exit_now(code)
             sys.exit(code)
         return code
+
+
+def _exit_now(code: int) -> None:
+    """End a finished command's process without Python's teardown (at full size, freeing the models' and
+    arrays' memory and stopping the libraries' thread pools took 0.6 s after the outputs were complete).
+
+    Everything a command writes is complete and closed before it returns; this flushes the streams and
+    the log, then ``os._exit``. Not where a Ray cluster was started in this process (its own exit handler
+    stops that cluster's processes), nor with ``IIRP_FULL_EXIT`` set.
+    """
+    if "ray" in sys.modules or os.environ.get("IIRP_FULL_EXIT"):
+        return
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def one_line_command(prog: str) -> type[TyperCommand]:
