@@ -37,7 +37,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, TypeVar, Union
 
 from iirp.errors import OutputError
 from iirp.typing import PathLike
@@ -327,6 +327,9 @@ def check_free_space(folder: PathLike, need: int, role: str = "output folder") -
                           f"about {need / 2**20:.1f} MiB while they are written")
 
 
+_Staged = TypeVar("_Staged", bound="StagedFolder")
+
+
 class StagedFolder:
     """Stage a set of files inside ``folder``, check them, then publish them together.
 
@@ -362,7 +365,7 @@ class StagedFolder:
         self._stage: Optional[Path] = None
         self._names: list[str] = []
 
-    def __enter__(self) -> "StagedFolder":
+    def __enter__(self: _Staged) -> _Staged:
         missing = _missing_folders(self.path)
         try:
             for folder in reversed(missing):

@@ -144,6 +144,8 @@ def run(
 
         run_cohort(pairs, out_dir, spec, _options, qc, overwrite, cohort, verbose)
         return
+    assert fixed is not None and moving is not None  # refused above without --pairs
+    fixed_image, moving_image = fixed, moving
 
     def _go() -> dict:
         from iirp.runtime.imageio import REGISTRATION_OUTPUTS, check_output_dir
@@ -152,9 +154,9 @@ def run(
         check_output_dir(out_dir, overwrite=overwrite, owned=REGISTRATION_OUTPUTS)
         options = _options()
         spec.check()
-        inputs = read_inputs(fixed, moving, moving_seg=moving_seg, options=options)  # before the model loads
-        return register_files(fixed, moving, spec.build(), out_dir, moving_seg=moving_seg, options=options, qc=qc,
-                              overwrite=overwrite, inputs=inputs)
+        inputs = read_inputs(fixed_image, moving_image, moving_seg=moving_seg, options=options)  # before the model
+        return register_files(fixed_image, moving_image, spec.build(), out_dir, moving_seg=moving_seg,
+                              options=options, qc=qc, overwrite=overwrite, inputs=inputs)
 
     report = _guarded("iirp-run", verbose, _go)
     for text in report.get("warnings", []):

@@ -64,7 +64,7 @@ def _exception_classes(name: str) -> tuple[type[BaseException], ...]:
 _USAGE = _exception_classes("UsageError")
 _ABORT = _exception_classes("Abort")
 _CLICK = _exception_classes("ClickException")
-_EXIT = (SystemExit, *_exception_classes("Exit"))
+_EXIT: tuple[type[BaseException], ...] = (SystemExit, *_exception_classes("Exit"))
 #: The longest error line printed (longer messages are cut).
 ERROR_LINE_LIMIT = 2000
 log = logging.getLogger("iirp")
@@ -141,6 +141,7 @@ class _ItkToLog:
     """A SimpleITK logger (``sitk.LoggerBase``) that hands ITK's messages to the ``iirp.itk`` logger."""
 
     installed = False
+    _logger: Any = None  # the installed logger, referenced for the life of the process
 
     @classmethod
     def install(cls) -> None:

@@ -149,12 +149,13 @@ class _RssSampler:
 
 def _gpu_memory() -> tuple[Any, Any]:
     """``(torch or None, CuPy's default memory pool or None)``: where a GPU run's arrays come from."""
+    torch: Any = None
     try:
-        import torch
+        import torch as torch_module
 
-        torch = torch if torch.cuda.is_available() else None
+        torch = torch_module if torch_module.cuda.is_available() else None
     except ImportError:
-        torch = None
+        pass
     try:
         import cupy
 

@@ -43,7 +43,7 @@ _CHECKPOINT = "demo_rpnet.pt"
 @contextlib.contextmanager
 def demo_file(name: str) -> Iterator[Path]:
     """A file of ``iirp/demo/data`` as a real path (``importlib.resources``), for the ``with`` block."""
-    with resources.as_file(resources.files("iirp.demo").joinpath("data", name)) as path:
+    with resources.as_file(resources.files("iirp.demo").joinpath("data").joinpath(name)) as path:
         yield Path(path)
 
 

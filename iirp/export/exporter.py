@@ -119,7 +119,7 @@ def _read_pair(pair: Sequence[PathLike], contract: ModelContract) -> "tuple[np.n
     return prepared.fixed, prepared.moving
 
 
-def model_contract(info: "CheckpointInfo", size: tuple[int, int, int], spacing: Optional[Sequence[float]],
+def model_contract(info: "CheckpointInfo", size: tuple[int, int, int], spacing: Optional[Union[float, Sequence[float]]],
                    intensity: Optional[str]) -> ModelContract:
     """The model grid an export records: the checkpoint's record, else the options, else 1 mm, RAS, minmax.
 
@@ -130,7 +130,7 @@ def model_contract(info: "CheckpointInfo", size: tuple[int, int, int], spacing: 
 
     asked = None
     if spacing is not None:
-        asked = tuple(float(v) for v in (spacing if isinstance(spacing, (list, tuple)) else (spacing,) * 3))
+        asked = tuple(float(v) for v in ((spacing,) * 3 if isinstance(spacing, (int, float)) else spacing))
         if len(asked) != 3 or not all(0 < v < float("inf") for v in asked):
             raise ExportOptionError(f"export_checkpoint() 'spacing' (--spacing) must be positive mm, got {spacing!r}")
     if asked is not None and info.spacing is not None and any(

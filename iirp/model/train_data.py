@@ -185,16 +185,17 @@ def load_val_pairs(
     options = _options(shape, spacing, intensity)
     pairs = []
     for row in read_pairs(csv_path, need_segs=True):
-        paths = {"fixed": row.fixed, "moving": row.moving, "fixed_seg": row.fixed_seg, "moving_seg": row.moving_seg}
-        fixed = read_image(paths["fixed"], "validation fixed")
-        moving = read_image(paths["moving"], "validation moving")
+        fixed = read_image(row.fixed, "validation fixed")
+        moving = read_image(row.moving, "validation moving")
         prepared = prepare_pair(fixed, moving, tuple(int(s) for s in shape), options,  # type: ignore[arg-type]
-                                names=(f"validation image {paths['fixed']}", f"validation image {paths['moving']}"))
+                                names=(f"validation image {row.fixed}", f"validation image {row.moving}"))
         reference = prepared.grid.reference_image(sitk.sitkInt64)
         identity = sitk.Transform(3, sitk.sitkIdentity)
         segs = []
-        for column in ("fixed_seg", "moving_seg"):
-            seg = sitk.Cast(read_labels(paths[column], f"validation {column}"), sitk.sitkInt64)
+        for column, seg_path in (("fixed_seg", row.fixed_seg), ("moving_seg", row.moving_seg)):
+            if seg_path is None:  # read_pairs(need_segs=True) refuses such a row
+                raise TrainingDataError(f"{csv_path} row {row.row}: no {column}")
+            seg = sitk.Cast(read_labels(seg_path, f"validation {column}"), sitk.sitkInt64)
             on_grid = sitk.Resample(seg, reference, identity, sitk.sitkNearestNeighbor, 0, sitk.sitkInt64)
             segs.append(array_from_image(on_grid, dtype=np.int64))
         pairs.append(ValPair(prepared.fixed, prepared.moving, segs[0], segs[1]))
@@ -283,12 +284,13 @@ class PairSampler:
             if axes:
                 flow = None
                 if pair.flow is not None:
-                    flow = np.flip(pair.flow, axis=[a + 1 for a in axes]).copy()
+                    flow = np.flip(pair.flow, axis=tuple(a + 1 for a in axes)).copy()
                     flow[axes] *= -1.0  # a flipped axis reverses its displacement component
-                pair = TrainPair(np.flip(pair.fixed, axes).copy(), np.flip(pair.moving, axes).copy(), flow)
+                flipped = tuple(axes)
+                pair = TrainPair(np.flip(pair.fixed, flipped).copy(), np.flip(pair.moving, flipped).copy(), flow)
         if self.crop is not None:
             starts = [int(self.rng.integers(n - c + 1)) for n, c in zip(pair.fixed.shape, self.crop)]
             window = tuple(slice(s, s + c) for s, c in zip(starts, self.crop))
-            flow = pair.flow[(slice(None), *window)].copy() if pair.flow is not None else None
+            flow = pair.flow[(slice(None),) + window].copy() if pair.flow is not None else None
             pair = TrainPair(pair.fixed[window].copy(), pair.moving[window].copy(), flow)
         return TrainPair(self._gamma(pair.fixed), self._gamma(pair.moving), pair.flow)

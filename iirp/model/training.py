@@ -233,10 +233,11 @@ def _check_device(device: str) -> None:
 def _build_net(cfg: TrainConfig) -> tuple[RPNet, tuple[int, int, int], Optional[list[str]]]:
     """Random init (seeded) or the ``init`` checkpoint; returns the net, the model grid and the init key order."""
     if cfg.init is None:
-        shape = tuple(int(s) for s in (cfg.shape or (160, 192, 160)))
+        x, y, z = (int(s) for s in (cfg.shape or (160, 192, 160)))
+        shape = (x, y, z)
         torch.manual_seed(cfg.seed)
         resblocks = 2 if cfg.resblocks is None else cfg.resblocks
-        return RPNet(n_resblocks=resblocks, size=shape), shape, None  # type: ignore[return-value]
+        return RPNet(n_resblocks=resblocks, size=shape), shape, None
     from iirp.model.checkpoint import load_checkpoint
 
     net, info = load_checkpoint(cfg.init)
@@ -247,10 +248,10 @@ def _build_net(cfg: TrainConfig) -> tuple[RPNet, tuple[int, int, int], Optional[
         )
     if info.first_channel != 8:
         raise TrainingError(f"--init checkpoint {cfg.init} has first_channel {info.first_channel}; training needs 8")
-    shape = tuple(int(s) for s in (cfg.shape or info.size))
-    net.size = shape
+    x, y, z = (int(s) for s in (cfg.shape or info.size))
+    net.size = (x, y, z)
     torch.manual_seed(cfg.seed)
-    return net, shape, list(info.keys)  # type: ignore[return-value]
+    return net, (x, y, z), list(info.keys)
 
 
 def _prepare_out(cfg: TrainConfig) -> Path:
@@ -303,7 +304,7 @@ class _State:
 
 
 def _rng_states(sampler: PairSampler) -> dict[str, Any]:
-    state = np.random.get_state()
+    state: Any = np.random.get_state()  # the legacy tuple
     numpy_state = {"name": state[0], "key": [int(k) for k in state[1]], "pos": int(state[2]),
                    "has_gauss": int(state[3]), "cached_gaussian": float(state[4])}
     return {"torch": torch.get_rng_state(), "numpy": json.dumps(numpy_state), "sampler": sampler.state()}

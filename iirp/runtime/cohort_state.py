@@ -297,9 +297,9 @@ def verify_outputs(folder: Path, pair: ImagePair, options: RegistrationOptions, 
     for key, value in expected.items():
         if inputs.get(key) != value:
             return f"its {key} was {inputs.get(key)!r}, now {value!r}"
-    for key, value in _recorded_options(options).items():
-        if report.get(key) != value:
-            return f"it was registered with {key} {report.get(key)!r}, now {value!r}"
+    for option, now in _recorded_options(options).items():
+        if report.get(option) != now:
+            return f"it was registered with {option} {report.get(option)!r}, now {now!r}"
     if source_sha256 is not None and report.get("source_sha256") != source_sha256:
         return "it was registered with another model (source sha256 differs)"
     needed = {"warped.nii.gz", "displacement.nii.gz"}
@@ -371,7 +371,7 @@ def _absolute(pair: ImagePair) -> ImagePair:
     def _abs(p: Optional[Path]) -> Optional[Path]:
         return None if p is None else Path(os.path.abspath(p))
 
-    return dataclasses.replace(pair, fixed=_abs(pair.fixed), moving=_abs(pair.moving),
+    return dataclasses.replace(pair, fixed=Path(os.path.abspath(pair.fixed)), moving=Path(os.path.abspath(pair.moving)),
                                fixed_seg=_abs(pair.fixed_seg), moving_seg=_abs(pair.moving_seg))
 
 

@@ -63,9 +63,11 @@ class FlowSolver(Protocol):
     device: str
     precision: str
     contract: ModelContract
-    model_size: tuple[int, int, int]
     source: str
     source_sha256: str
+
+    @property
+    def model_size(self) -> tuple[int, int, int]: ...
 
     def solve(self, moving: np.ndarray, fixed: np.ndarray, rule: IterStopRule) -> IterStopTrace[np.ndarray]:
         """``(X, Y, Z)`` float32 volumes in [0, 1] -> trace with a ``(3, X, Y, Z)`` voxel flow."""

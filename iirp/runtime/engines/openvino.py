@@ -226,6 +226,8 @@ class OpenVinoBackend(Backend):
         self.cache_dir = _cache_folder(self.options)
         if self.cache_dir is not None:
             config["CACHE_DIR"] = str(self.cache_dir)
+        if self.folder is None:
+            raise IirpError(f"OpenVINO stage {self.name}: no engine folder to read {self.spec.file} from")
         path = self.folder / self.spec.file
         t0 = time.perf_counter()
         try:
