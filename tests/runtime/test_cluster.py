@@ -210,12 +210,15 @@ def test_ctrl_c_leaves_a_consistent_summary_and_resume_finishes(exported, tmp_pa
             "--workers", "1"]
     killer = _Killer(out, {"big": 1}, stop_driver=how)
     ray_handler = signal.signal(signal.SIGTERM, _raise_terminated)  # what iirp-run's own process has
+    # and SIGINT as in a terminal, even where pytest runs as a background job (SIGINT inherited ignored)
+    int_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
     killer.start()
     try:
         stopped = _cli(*args)
     finally:
         killer.stop.set()
         signal.signal(signal.SIGTERM, ray_handler)
+        signal.signal(signal.SIGINT, int_handler)
     assert stopped.exit_code == (130 if how == "SIGINT" else 143), stopped.output
     what = "interrupted" if how == "SIGINT" else "terminated (signal 15)"
     assert killer.killed and f"iirp-run: {what}; 1 pair(s) finished" in stopped.stderr

@@ -60,9 +60,16 @@ def test_overwrite_replaces_the_whole_set(data: dict, tmp_path: Path) -> None:
     assert report["inputs"]["moving_seg"] is None and "qc" not in report["outputs"]
 
 
+def _interactive_signals() -> None:
+    """In the child before exec: SIGINT and SIGTERM as a terminal's shell leaves them. A background job of a
+    non-interactive shell (how CI may start pytest) inherits SIGINT ignored, and Python keeps it ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _start(args: list[str]) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", _CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=_interactive_signals)
 
 
 def _wait_for_partial(proc: subprocess.Popen, out: Path, timeout: float = 300.0) -> bool:
