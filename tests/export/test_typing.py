@@ -1,9 +1,10 @@
-"""``mypy iirp/export`` passes, with the local TensorRT stub (tests/export/stubs) standing in for tensorrt.
+"""``mypy iirp/export iirp/runtime/engines/trt.py`` passes, with the local TensorRT stub (tests/export/stubs)
+standing in for tensorrt.
 
 Opt-in (``IIRP_TYPECHECK=1``): with a cold ``.mypy_cache`` mypy analyses torch and takes
 over five minutes on a small CPU (about 10 s warm), too much for CI's budget; run it after
-touching iirp/export. ``--follow-imports=silent`` keeps other packages' findings out of it
-(the stub only covers the TensorRT names iirp.export uses).
+touching iirp/export or the TensorRT backend. ``--follow-imports=silent`` keeps other packages' findings out of it
+(the stub only covers the TensorRT names iirp uses).
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ STUBS = Path(__file__).resolve().parent / "stubs"
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("IIRP_TYPECHECK") != "1", reason="opt-in: IIRP_TYPECHECK=1 (minutes cold)")
-def test_mypy_iirp_export() -> None:
+def test_mypy_tensorrt_users() -> None:
     pytest.importorskip("mypy")
     env = {**os.environ, "MYPYPATH": str(STUBS)}
     result = subprocess.run(
-        [sys.executable, "-m", "mypy", "--follow-imports=silent", "iirp/export"],
+        [sys.executable, "-m", "mypy", "--follow-imports=silent", "iirp/export", "iirp/runtime/engines/trt.py"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200,
     )
     assert result.returncode == 0, result.stdout + result.stderr
