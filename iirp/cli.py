@@ -6,7 +6,9 @@ becomes one line on stderr and exit code 2; ``--verbose`` shows the traceback.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 from pathlib import Path
 from typing import Callable, NoReturn, Optional, TypeVar
 
@@ -154,9 +156,14 @@ def run(
         check_output_dir(out_dir, overwrite=overwrite, owned=REGISTRATION_OUTPUTS)
         options = _options()
         spec.check()
-        inputs = read_inputs(fixed_image, moving_image, moving_seg=moving_seg, options=options)  # before the model
-        return register_files(fixed_image, moving_image, spec.build(), out_dir, moving_seg=moving_seg,
-                              options=options, qc=qc, overwrite=overwrite, inputs=inputs)
+        status, step = _progress_steps("iirp-run")  # a transient line on a terminal's stderr, else nothing
+        with status:  # stopped before an error line is printed
+            step("reading the images")
+            inputs = read_inputs(fixed_image, moving_image, moving_seg=moving_seg, options=options)  # before the model
+            step("opening the models")
+            solver = spec.build()
+            return register_files(fixed_image, moving_image, solver, out_dir, moving_seg=moving_seg,
+                                  options=options, qc=qc, overwrite=overwrite, inputs=inputs, on_step=step)
 
     report = _guarded("iirp-run", verbose, _go)
     for text in report.get("warnings", []):
@@ -281,8 +288,18 @@ def export(
         typer.echo(f"OpenVINO bf16 gate: {gate['status']}" + (f" ({gate['reason']})" if gate.get("reason") else ""))
 
 
+def _is_terminal(stream: object) -> bool:
+    try:
+        return bool(stream.isatty())  # type: ignore[attr-defined]
+    except (AttributeError, ValueError, OSError):  # None, or a closed or unusual stream
+        return False
+
+
 def _progress_steps(prog: str):  # type: ignore[no-untyped-def]
-    """A rich status line on stderr and the ``on_step`` callback that updates it."""
+    """A rich status line on stderr and the ``on_step`` callback that updates it; on a stderr that is not a
+    terminal, a context that does nothing and a callback that ignores its text (no import, no thread)."""
+    if not _is_terminal(sys.stderr):
+        return contextlib.nullcontext(), lambda text: None
     from rich.console import Console
 
     status = Console(stderr=True).status(f"{prog}: starting")

@@ -19,7 +19,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -253,6 +253,7 @@ def register_images(
     names: tuple[str, str] = ("fixed image", "moving image"),
     initial: Optional[sitk.Transform] = None,
     timings_ms: Optional[dict[str, float]] = None,
+    on_step: Optional[Callable[[str], None]] = None,
 ) -> Registration:
     """Steps 2-6 above for images already read and validated (:func:`read_image`); writes nothing.
 
@@ -263,19 +264,29 @@ def register_images(
         names: how error messages name the two images.
         initial: an already read ``options.initial_transform``.
         timings_ms: dict the stage times (ms) are added to.
+        on_step: called with a short description as each step starts (a progress line); with it, a
+            solver whose stages are not built yet builds them as a step of its own.
 
     Raises:
         IirpError subclasses: see :func:`prepare_pair` and the solver.
     """
     timings = timings_ms if timings_ms is not None else {}
+    step = on_step or _no_step
     rule = options.rule
     if moving_seg is not None:
         _check_labels_overlap(moving_seg, moving, names[1])
+    step("resampling onto the model grid")
     pair = prepare_pair(fixed, moving, solver.contract, options, timings, names=names, initial=initial)
     warnings = list(pair.warnings)
+    load = getattr(solver, "load", None)
+    if on_step is not None and callable(load) and getattr(solver, "load_ms", 0.0) is None:
+        step(f"loading the models{_LOADING_NOTE.get(solver.engine, '')}")
+        timings["load"] = load()
+    step("registering")
     trace = solver.solve(pair.moving, pair.fixed, rule)
     timings.update(trace.timings_ms)
     _check_finite(trace, getattr(solver, "source", "the model"))
+    step("warping the moving image")
 
     t0 = time.perf_counter()
     field = displacement_field(trace.flow, pair.grid, fixed, pair.pre_alignment)
@@ -323,6 +334,16 @@ def register_images(
         "timings_ms": timings,
     }
     return Registration(fixed, before, warped, field, warped_seg, pair.pre_alignment, report)
+
+
+#: What the progress line adds while an engine's stages are built.
+_LOADING_NOTE = {
+    "openvino": " (compiled on a machine's first run: ~30 s at full size, then cached)",
+}
+
+
+def _no_step(text: str) -> None:
+    """The ``on_step`` of a caller that shows no progress."""
 
 
 def _warp_outputs(moving: sitk.Image, moving_seg: Optional[sitk.Image], fixed: sitk.Image, field: sitk.Image,
@@ -453,6 +474,7 @@ def register_files(
     qc: bool = False,
     overwrite: bool = False,
     inputs: Optional[PairInputs] = None,
+    on_step: Optional[Callable[[str], None]] = None,
 ) -> dict[str, Any]:
     """Register ``moving`` to ``fixed`` and write the outputs into ``out_dir``.
 
@@ -466,6 +488,7 @@ def register_files(
         overwrite: replace an earlier run's outputs in ``out_dir``; without it ``out_dir`` must be
             empty or new.
         inputs: the files already read by :func:`read_inputs` (the paths above are then only names).
+        on_step: progress callback, see :func:`register_images`.
 
     Returns:
         The report (also written as ``report.json``).
@@ -481,10 +504,11 @@ def register_files(
     timings: dict[str, float] = {"read": inputs.read_ms}
     result = register_images(
         inputs.fixed, inputs.moving, solver, moving_seg=inputs.moving_seg, options=options, names=inputs.names,
-        initial=inputs.initial, timings_ms=timings,
+        initial=inputs.initial, timings_ms=timings, on_step=on_step,
     )
     report = result.report
     report["inputs"] = dict(inputs.paths)
+    (on_step or _no_step)("writing the outputs")
     write_registration(result, out_dir, qc=qc, t_start=t_start, overwrite=overwrite)
     return report
 

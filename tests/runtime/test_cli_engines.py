@@ -146,3 +146,23 @@ def test_defaults_name_the_engine_and_device(monkeypatch: pytest.MonkeyPatch) ->
 
     monkeypatch.setattr(builtins, "__import__", without_openvino)
     assert fastest_cpu_engine() == "ort"
+
+
+def test_progress_steps_leave_the_registration_unchanged(exported: tuple[dict, Path], tmp_path: Path) -> None:
+    """``on_step`` (iirp-run's progress line) names each step in order, builds the stages as a step of its own
+    with the load time still reported, and changes no output."""
+    from iirp.runtime.register import register_files
+    from iirp.runtime.solvers import make_solver
+
+    data, engines = exported
+    steps: list[str] = []
+    with_steps = register_files(data["fixed"], data["moving"], make_solver("ort", engines=engines),
+                                tmp_path / "a", on_step=steps.append)
+    without = register_files(data["fixed"], data["moving"], make_solver("ort", engines=engines), tmp_path / "b")
+    assert [s.split(" (")[0] for s in steps] == [
+        "resampling onto the model grid", "loading the models", "registering", "warping the moving image",
+        "writing the outputs"]
+    assert with_steps["timings_ms"]["load"] >= 0 and "load" in without["timings_ms"]
+    assert with_steps["iterations"] == without["iterations"] and with_steps["scores"] == without["scores"]
+    for name in ("warped.nii.gz", "displacement.nii.gz"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
