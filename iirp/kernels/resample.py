@@ -35,9 +35,22 @@ __all__ = ["warp_image", "warp_labels"]
 
 
 @njit(cache=True)
+def _sample_point(flow, x, y, z):  # pragma: no cover - compiled
+    """``t = p + u(p)`` at voxel ``p = (x, y, z)``, in float64 (exact)."""
+    return (np.float64(x) + np.float64(flow[0, x, y, z]), np.float64(y) + np.float64(flow[1, x, y, z]),
+            np.float64(z) + np.float64(flow[2, x, y, z]))
+
+
+@njit(cache=True)
+def _inside(t, n):  # pragma: no cover - compiled
+    """ITK's inside test on an axis of ``n`` voxels: ``-1/2 <= t < n - 1/2`` (False for NaN)."""
+    return t >= -0.5 and t < np.float64(n) - 0.5
+
+
+@njit(cache=True)
 def _nearest(t, n):  # pragma: no cover - compiled
     """Index of float64 ``t`` rounded half up on an axis of ``n`` voxels, or -1 outside (NaN included)."""
-    if not (t >= -0.5 and t < np.float64(n) - 0.5):
+    if not _inside(t, n):
         return -1
     f = np.floor(t)
     return np.int64(f) + (1 if t - f >= 0.5 else 0)
@@ -49,9 +62,10 @@ def _warp_labels_kernel(labels, flow, out):  # pragma: no cover - compiled
     for x in prange(nx):
         for y in range(ny):
             for z in range(nz):
-                i = _nearest(np.float64(x) + np.float64(flow[0, x, y, z]), nx)
-                j = _nearest(np.float64(y) + np.float64(flow[1, x, y, z]), ny)
-                k = _nearest(np.float64(z) + np.float64(flow[2, x, y, z]), nz)
+                tx, ty, tz = _sample_point(flow, x, y, z)
+                i = _nearest(tx, nx)
+                j = _nearest(ty, ny)
+                k = _nearest(tz, nz)
                 out[x, y, z] = 0 if (i < 0 or j < 0 or k < 0) else labels[i, j, k]
 
 
@@ -73,11 +87,8 @@ def _warp_image_kernel(image, flow, out):  # pragma: no cover - compiled
     for x in prange(nx):
         for y in range(ny):
             for z in range(nz):
-                tx = np.float64(x) + np.float64(flow[0, x, y, z])
-                ty = np.float64(y) + np.float64(flow[1, x, y, z])
-                tz = np.float64(z) + np.float64(flow[2, x, y, z])
-                if not (tx >= -0.5 and tx < nx - 0.5 and ty >= -0.5 and ty < ny - 0.5
-                        and tz >= -0.5 and tz < nz - 0.5):
+                tx, ty, tz = _sample_point(flow, x, y, z)
+                if not (_inside(tx, nx) and _inside(ty, ny) and _inside(tz, nz)):
                     out[x, y, z] = 0.0
                     continue
                 i0, i1, dx = _linear_axis(tx, nx)
