@@ -57,6 +57,21 @@ _MINUS_ONE = np.float32(-1.0)
 
 
 @njit(inline="always")
+def _axis(t, last):  # pragma: no cover - compiled
+    """``(w0, w1, i0, i1)`` on one axis of ``last + 1`` voxels, branch free: ``f = floor(t)``,
+    ``w1 = t - f``, ``w0 = 1 - w1``, ``i0 = f``, ``i1 = f + 1``; an index outside ``[0, last]``
+    (i0 == -1 or i1 == last + 1) is clamped and its weight zeroed. ``last`` and ``t`` are float32;
+    the indices come back as int32."""
+    f = np.floor(t)
+    w1 = t - f
+    w0 = _ONE - w1
+    g = f + _ONE
+    w0 = _ZERO if f < _ZERO else w0
+    w1 = _ZERO if g > last else w1
+    return w0, w1, np.int32(_ZERO if f < _ZERO else f), np.int32(last if g > last else g)
+
+
+@njit(inline="always")
 def _corners(fb, ib, n, nx, ny, nz):  # pragma: no cover - compiled
     """Corners and weights of ``n`` float32 sample points along a row chunk, branch free.
 
@@ -88,32 +103,9 @@ def _corners(fb, ib, n, nx, ny, nz):  # pragma: no cover - compiled
         px = px if inside else _ZERO
         py = py if inside else _ZERO
         pz = pz if inside else _ZERO
-        # per axis: f = floor(t), w1 = t - f, w0 = 1 - w1, i0 = f, i1 = f + 1; an index
-        # outside [0, n) is clamped and its weight zeroed (i0 == -1 or i1 == n)
-        f = np.floor(px)
-        wx1 = px - f
-        wx0 = _ONE - wx1
-        g = f + _ONE
-        wx0 = _ZERO if f < _ZERO else wx0
-        wx1 = _ZERO if g > lx else wx1
-        i0 = np.int32(_ZERO if f < _ZERO else f)
-        i1 = np.int32(lx if g > lx else g)
-        f = np.floor(py)
-        wy1 = py - f
-        wy0 = _ONE - wy1
-        g = f + _ONE
-        wy0 = _ZERO if f < _ZERO else wy0
-        wy1 = _ZERO if g > ly else wy1
-        j0 = np.int32(_ZERO if f < _ZERO else f)
-        j1 = np.int32(ly if g > ly else g)
-        f = np.floor(pz)
-        wz1 = pz - f
-        wz0 = _ONE - wz1
-        g = f + _ONE
-        wz0 = _ZERO if f < _ZERO else wz0
-        wz1 = _ZERO if g > lz else wz1
-        k0 = np.int32(_ZERO if f < _ZERO else f)
-        k1 = np.int32(lz if g > lz else g)
+        wx0, wx1, i0, i1 = _axis(px, lx)
+        wy0, wy1, j0, j1 = _axis(py, ly)
+        wz0, wz1, k0, k1 = _axis(pz, lz)
         fb[3, t] = wx0
         fb[4, t] = wx1
         fb[5, t] = wy0
