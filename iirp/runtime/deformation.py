@@ -16,7 +16,14 @@ from typing import Optional
 import numpy as np
 import SimpleITK as sitk
 
-from iirp.runtime.geometry import ModelGrid, array_from_image, image_from_array, orient, same_grid
+from iirp.runtime.geometry import (
+    ModelGrid,
+    array_from_image,
+    image_from_array,
+    orient,
+    orientation_code,
+    same_grid,
+)
 
 __all__ = [
     "flow_to_physical",
@@ -71,15 +78,10 @@ def displacement_field(
     )
 
 
-def _orientation(image: sitk.Image | ModelGrid) -> str:
-    direction = image.direction if isinstance(image, ModelGrid) else image.GetDirection()
-    return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(direction)
-
-
 def _reoriented(image: sitk.Image, reference: sitk.Image) -> Optional[sitk.Image]:
     """``image`` losslessly reoriented (axes permuted and flipped) onto ``reference``'s grid, or None when that
     does not land exactly on it (then only resampling can)."""
-    out = orient(image, _orientation(reference))
+    out = orient(image, orientation_code(reference))
     if not same_grid(out, reference):
         return None
     out.CopyInformation(reference)  # equal within _GRID_TOL: take the reference's exact numbers
@@ -110,7 +112,7 @@ def warp_on_model_grid(image: sitk.Image, flow: np.ndarray, grid: ModelGrid, ref
     """
     from iirp.kernels.resample import warp_image, warp_labels
 
-    if not (same_grid(orient(image, _orientation(grid)), grid) and is_reoriented_grid(grid, reference)):
+    if not (same_grid(orient(image, orientation_code(grid)), grid) and is_reoriented_grid(grid, reference)):
         return None
     array = array_from_image(image, dtype=None if labels else np.float32)  # in the image's own axis order
     if labels and array.dtype.kind not in "iu":
@@ -125,11 +127,12 @@ def warp_on_model_grid(image: sitk.Image, flow: np.ndarray, grid: ModelGrid, ref
 def _flow_on_axes_of(flow: np.ndarray, grid: ModelGrid, image: sitk.Image) -> np.ndarray:
     """The ``(3, X, Y, Z)`` voxel ``flow`` on ``grid`` as the same displacement on ``image``'s grid, a lossless
     reorientation of it: array axes permuted and flipped, components permuted and negated (exact)."""
-    if _orientation(image) == _orientation(grid):
+    if orientation_code(image) == orientation_code(grid):
         return flow
     # signed permutation taking a step along grid axis a to a step in image index space
     axes = np.rint(np.reshape(image.GetDirection(), (3, 3)).T @ np.reshape(grid.direction, (3, 3)))
-    components = [orient(image_from_array(np.ascontiguousarray(flow[a]), grid), _orientation(image)) for a in range(3)]
+    code = orientation_code(image)
+    components = [orient(image_from_array(np.ascontiguousarray(flow[a]), grid), code) for a in range(3)]
     stored = [sitk.GetArrayViewFromImage(c).transpose(2, 1, 0) for c in components]
     result = np.empty((3, *image.GetSize()), dtype=np.float32)
     for b in range(3):

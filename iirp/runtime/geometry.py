@@ -35,6 +35,7 @@ __all__ = [
     "array_from_image",
     "image_from_array",
     "orient",
+    "orientation_code",
     "orientation_direction",
     "foreground_center",
     "foreground_mask",
@@ -119,9 +120,15 @@ def image_from_array(array: np.ndarray, reference: sitk.Image | ModelGrid) -> si
     return image
 
 
+def orientation_code(item: sitk.Image | ModelGrid) -> str:
+    """The orientation code (ITK's DICOM convention, e.g. ``RAS``) of an image's or a grid's direction cosines."""
+    direction = item.direction if isinstance(item, ModelGrid) else item.GetDirection()
+    return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(direction)
+
+
 def orient(image: sitk.Image, code: str = MODEL_ORIENTATION) -> sitk.Image:
     """Lossless reorientation (axis permutation and flips only) to ``code``; physically the same image."""
-    if sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection()) == code:
+    if orientation_code(image) == code:
         return image
     return sitk.DICOMOrient(image, code)
 
