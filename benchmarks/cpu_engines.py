@@ -12,11 +12,13 @@ Released checkpoint (160x192x160), ``official`` IterStop, LPBA40 S05 <- S20 and 
    shared labels, folding, and the flow's difference from the reference run (max over the grid,
    and the 99th / 99.9th percentiles inside the fixed brain). One untimed run per engine first,
    so that every timed run finds the caches a second run finds (OpenVINO's compiled models and
-   stage choice, numba); its load time is reported as the first run's cost.
+   stage choice, numba); its load time is reported as the first run's cost. ``--slabs N ...`` adds
+   ``openvino --slabs N`` processes (the memory option), compared with the whole ``openvino`` run.
 
 Writes ``<out>/cpu_engines.md`` and ``.json``.
 
-    python benchmarks/cpu_engines.py [--engines DIR] [--rounds 3] [--authors CHECKOUT] [--data ../shared/data]
+    python benchmarks/cpu_engines.py [--engines DIR] [--rounds 3] [--authors CHECKOUT] [--slabs 4 8]
+                                     [--data ../shared/data]
 
 ``--authors``: a checkout of github.com/Torbjorn1997/IIRP-Net; its ``voxelmorph/torch/iirp.py`` is
 loaded on its own (it imports nibabel: ``pip install nibabel``).
@@ -187,6 +189,12 @@ def _pair_args(brain: Path, fixed: str, moving: str) -> list[str]:
             "--moving-seg", str(brain / f"LPBA40_{moving}_seg.nii.gz")]
 
 
+def _flow_max_diff(run: dict, other: dict) -> float:
+    """Largest |difference| of two runs' displacement fields (any component, mm)."""
+    return float(np.abs(_field(Path(run["folder"]) / "displacement.nii.gz")
+                        - _field(Path(other["folder"]) / "displacement.nii.gz")).max())
+
+
 def accuracy(processes: dict[str, dict], brain: Path, reference: str) -> dict[str, dict]:
     """Per engine and direction: iterations, Dice, folding, flow difference from the reference run."""
     result: dict[str, dict] = {}
@@ -276,6 +284,12 @@ def render(env: dict, core: dict, processes: dict, acc: dict, note: dict) -> str
         "",
         f"Engine `openvino` ran its stages on: {backends}.",
         "",
+        *(["`--slabs N` runs the finest flow estimator in N slabs along X (README, Memory); its largest |flow "
+           "difference| from the whole `openvino` run (any component, mm = voxels): "
+           + "; ".join(f"{name}: " + ", ".join(f"{d} {v:.1e}" if v else f"{d} 0 (bit-identical)"
+                                              for d, v in per.items())
+                       for name, per in note["slabs_vs_whole"].items()) + ".", ""]
+          if note.get("slabs_vs_whole") else []),
         "## Accuracy (the last timed run of each)",
         "",
         "Mean Dice over the 48 labels both subjects share; flow difference from the reference run in voxels "
@@ -295,6 +309,8 @@ def main() -> None:
                         "(default: exported into a temporary folder)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--authors", type=Path, default=None, help="checkout of Torbjorn1997/IIRP-Net")
+    parser.add_argument("--slabs", type=int, nargs="*", default=[4, 8],
+                        help="also time `--engine openvino --slabs N` processes (memory rows; none: no such rows)")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
 
@@ -342,10 +358,16 @@ def main() -> None:
         }
         if bf16:
             commands["openvino fp32"] = run + ["--engines", str(engines), "--engine", "openvino", "--precision", "fp32"]
+        for n in args.slabs:
+            commands[f"openvino --slabs {n}"] = commands["openvino"] + ["--slabs", str(n)]
         print("whole process", flush=True)
         processes = time_processes(commands, brain, tmp, args.rounds)
         note["load_after"] = loadavg()
         acc = accuracy(processes, brain, "reference")
+        note["slabs_vs_whole"] = {
+            name: {d: _flow_max_diff(processes[name]["runs"][d][-1], processes["openvino"]["runs"][d][-1])
+                   for d in processes[name]["runs"]}
+            for name in processes if "--slabs" in name}
 
     env = environment()
     text = render(env, core, processes, acc, note)

@@ -76,6 +76,8 @@ class EngineLevelOps:
         if flow is not None:
             t0 = self.clock.start()
             moving = self.kernels.warp(moving, flow)
+            if level == 1:  # the finest estimator is the memory peak: free the warp's scratch (157 MB at full size)
+                _release_scratch(self.placement)
             self.clock.stop("kernels", t0)
         t0 = self.clock.start()
         stage = self.stages[estimator_stage(level)]
@@ -130,9 +132,7 @@ def register_arrays_with_engines(
         trace = run_iterstop(EngineLevelOps(stages, m, f, clock), rule)
     finally:
         stages.trim()  # no stage's working memory outlives the registration
-        release_scratch = getattr(placement.kernels, "release_scratch", None)  # nor the kernels' scratch
-        if release_scratch is not None:
-            release_scratch()
+        _release_scratch(placement)  # nor the kernels' scratch
     t0 = clock.start()
     flow = placement.download(trace.flow)  # the one download (synchronizes)
     clock.stop("download", t0)
@@ -140,6 +140,13 @@ def register_arrays_with_engines(
     trace.flow = np.ascontiguousarray(flow, dtype=np.float32)
     trace.timings_ms = clock.totals()
     return trace
+
+
+def _release_scratch(placement: Placement) -> None:
+    """Free the scratch arrays the placement's kernels keep between calls (where they keep any)."""
+    release = getattr(placement.kernels, "release_scratch", None)
+    if release is not None:
+        release()
 
 
 class EngineSolver:
@@ -257,10 +264,11 @@ class EngineSolver:
 
     @property
     def backend_report(self) -> dict[str, Any]:
-        """What the report records about the backends: precision note, threads, load time, backend per stage."""
+        """What the report records about the backends: precision note, threads, slabs, load time, backend per stage."""
         report: dict[str, Any] = {
             "precision_note": self.precision_note,
             "threads": self.options.threads,
+            "slabs": self.options.slabs,
             "load_ms": self.load_ms,
             "stage_backends": self.stages.runs_on() if self._entered else None,
         }

@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 
 from iirp.errors import IirpError
 from iirp.manifest import Manifest, ModelContract
-from iirp.runtime.engines.options import BackendOptions
+from iirp.runtime.engines.options import BackendOptionError, BackendOptions
 from iirp.runtime.solvers import FlowSolver
 from iirp.typing import PathLike
 
@@ -40,6 +40,7 @@ class SolverSpec:
         threads: CPU threads the solver may use (numba kernels, onnxruntime and OpenVINO intra-op,
             torch), or None for the libraries' defaults (every core).
         precision: ``--precision`` (:class:`~iirp.runtime.engines.options.BackendOptions`).
+        slabs: ``--slabs``: the finest flow estimator in this many slabs (engine ``openvino``; 1: whole).
     """
 
     engine: str
@@ -48,19 +49,29 @@ class SolverSpec:
     device: str = "cpu"
     threads: Optional[int] = None
     precision: str = "auto"
+    slabs: int = 1
 
     @classmethod
     def of(cls, engine: Optional[str], *, checkpoint: Optional[PathLike] = None, engines: Optional[PathLike] = None,
-           device: Optional[str] = None, threads: Optional[int] = None, precision: str = "auto") -> "SolverSpec":
+           device: Optional[str] = None, threads: Optional[int] = None, precision: str = "auto",
+           slabs: int = 1) -> "SolverSpec":
         """A spec from command-line values, with ``iirp-run``'s defaults for the engine and the device."""
         from iirp.runtime.solvers import default_device, default_engine
 
         name = engine or default_engine(checkpoint, engines)
-        return cls(name, _str(checkpoint), _str(engines), device or default_device(name), threads, precision)
+        return cls(name, _str(checkpoint), _str(engines), device or default_device(name), threads, precision, slabs)
 
     def options(self) -> BackendOptions:
-        """The backend options of this spec (checked: a bad precision or thread count is one clear error)."""
-        return BackendOptions(precision=self.precision, threads=self.threads)
+        """The backend options of this spec (checked: a bad precision, thread or slab count is one clear error).
+
+        Raises:
+            BackendOptionError: a malformed value, or ``slabs`` > 1 for another engine than ``openvino``.
+        """
+        options = BackendOptions(precision=self.precision, threads=self.threads, slabs=self.slabs)
+        if options.slabs > 1 and self.engine != "openvino":
+            raise BackendOptionError(f"--slabs is for engine 'openvino' (it runs the finest flow estimator in slabs); "
+                                     f"engine {self.engine!r} runs it whole")
+        return options
 
     def for_workers(self, threads: Optional[int]) -> "SolverSpec":
         """This spec with absolute paths (a worker's working folder is not the caller's) and ``threads``."""

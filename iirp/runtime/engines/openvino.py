@@ -43,16 +43,17 @@ import json
 import os
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 
 from iirp.errors import IirpError
-from iirp.manifest import ManifestMismatchError
-from iirp.runtime.engines.base import Backend, register_backend
-from iirp.runtime.engines.options import BackendOptions, usable_cores
+from iirp.manifest import ManifestMismatchError, estimator_stage
+from iirp.runtime.engines.base import Backend, output_shapes, register_backend
+from iirp.runtime.engines.options import BackendOptionError, BackendOptions, usable_cores
+from iirp.runtime.slabs import SLAB_AXIS, SlabWindow, run_in_slabs, slab_windows, stage_halo
 
 __all__ = [
     "OpenVinoPrecisionError",
@@ -204,7 +205,9 @@ class OpenVinoBackend(Backend):
 
     @property
     def runs_on(self) -> str:
-        return f"openvino-{getattr(self, 'precision', self.options.precision)}"
+        windows = self.__dict__.get("windows")
+        slabs = f" in {len(windows)} slabs" if windows else ""
+        return f"openvino-{getattr(self, 'precision', self.options.precision)}{slabs}"
 
     def _activate(self) -> None:
         ov = _openvino()
@@ -229,9 +232,16 @@ class OpenVinoBackend(Backend):
         if self.folder is None:
             raise IirpError(f"OpenVINO stage {self.name}: no engine folder to read {self.spec.file} from")
         path = self.folder / self.spec.file
+        self.windows = self._slab_windows(path)
         t0 = time.perf_counter()
         try:
-            self.compiled = ov.Core().compile_model(str(path), "CPU", config)
+            core = ov.Core()
+            if self.windows is None:
+                self.compiled = core.compile_model(str(path), "CPU", config)
+            else:  # the model reshaped to one slab (the cache keys on the reshaped model)
+                model = core.read_model(str(path))
+                model.reshape({t.name: self._slab_shape(t) for t in self.spec.inputs})
+                self.compiled = core.compile_model(model, "CPU", config)
         except Exception as err:  # OpenVINO raises RuntimeError with a multi-line log
             raise IirpError(f"OpenVINO cannot compile {path}: {str(err).strip().splitlines()[0]}") from err
         self.compile_ms = (time.perf_counter() - t0) * 1e3
@@ -241,13 +251,29 @@ class OpenVinoBackend(Backend):
             raise OpenVinoPrecisionError(
                 f"OpenVINO compiled stage {self.name} with inference precision {ran}, not the asked {precision}"
             )
-        _check_ports(path, "input", self.spec.inputs, self.compiled.inputs)
-        _check_ports(path, "output", self.spec.outputs, self.compiled.outputs)
+        declared = {kind: [replace(t, shape=list(self._slab_shape(t))) if self.windows else t for t in tensors]
+                    for kind, tensors in (("input", self.spec.inputs), ("output", self.spec.outputs))}
+        _check_ports(path, "input", declared["input"], self.compiled.inputs)
+        _check_ports(path, "output", declared["output"], self.compiled.outputs)
         self.output_ports = [(t.name, self.compiled.output(t.name)) for t in self.spec.outputs]
         self.requests: list[tuple[Any, list[weakref.ref]]] = []  # (infer request, leases of its last outputs)
 
+    def _slab_windows(self, path: Path) -> Optional[list[SlabWindow]]:
+        """The slabs this stage runs in (``options.slabs`` for the finest estimator), or None: whole."""
+        if self.options.slabs == 1 or self.name != estimator_stage(1):
+            return None
+        windows = slab_windows(self.manifest.size[0], self.options.slabs, stage_halo(path))
+        return windows if len(windows) > 1 and windows[0].stop - windows[0].start < self.manifest.size[0] else None
+
+    def _slab_shape(self, tensor: Any) -> tuple[int, ...]:
+        """A whole tensor's shape with X cut to the slab length."""
+        shape = list(tensor.resolve(dict(zip(("X", "Y", "Z"), self.manifest.size))))
+        assert self.windows is not None
+        shape[SLAB_AXIS] = self.windows[0].stop - self.windows[0].start
+        return tuple(shape)
+
     def _release(self) -> None:
-        for attr in ("requests", "output_ports", "compiled"):
+        for attr in ("requests", "output_ports", "compiled", "windows"):
             self.__dict__.pop(attr, None)
 
     def trim(self) -> None:
@@ -263,6 +289,15 @@ class OpenVinoBackend(Backend):
             compiled.release_memory()
 
     def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.windows is not None:  # new whole outputs, assembled from the slabs
+            request, _ = self._free_request()
+            ports = self.output_ports
+
+            def one_slab(slab_feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+                result = request.infer(slab_feeds, share_inputs=True, share_outputs=True)
+                return {name: result[port] for name, port in ports}
+
+            return run_in_slabs(one_slab, feeds, self.windows, output_shapes(self.spec, feeds))
         request, leases = self._free_request()
         result = request.infer(feeds, share_inputs=True, share_outputs=True)
         outputs = {}
@@ -369,10 +404,15 @@ class OpenVinoStage(Backend):
     def _activate(self) -> None:
         check_engine_folder(self.manifest, self.device)
         forced = (self.options.stages or {}).get(self.name)
+        how = "forced"
+        if self.options.slabs > 1 and self.name == estimator_stage(1):  # only OpenVINO runs a stage in slabs here
+            if forced not in (None, "openvino"):
+                raise BackendOptionError(f"--slabs runs {self.name} on OpenVINO; it cannot also be put on {forced}")
+            forced, how = "openvino", f"slabs={self.options.slabs}"
         t0 = time.perf_counter()
         if forced is not None:
             self.inner = self._make(forced).__enter__()
-            self.choice: dict[str, Any] = {"backend": forced, "how": "forced"}
+            self.choice: dict[str, Any] = {"backend": forced, "how": how}
         else:
             self.inner, self.choice = self._chosen()
         self.choice["load_ms"] = (time.perf_counter() - t0) * 1e3

@@ -17,6 +17,7 @@ from iirp.errors import IirpError
 from iirp.typing import PathLike
 
 __all__ = [
+    "MAX_SLABS",
     "PRECISIONS",
     "STAGE_BACKENDS",
     "BackendOptionError",
@@ -28,6 +29,8 @@ __all__ = [
 #: ``--precision`` values: ``auto`` lets the engine choose (see :mod:`iirp.runtime.engines.openvino`);
 #: ``bf16`` is OpenVINO's, ``fp16`` the torch engine's on CUDA when it runs straight from a checkpoint.
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+#: Most slabs ``--slabs`` takes (past a few, each slab's halo costs more time than the memory saved).
+MAX_SLABS = 16
 #: Backends the ``openvino`` engine may run a stage on.
 STAGE_BACKENDS = ("openvino", "ort")
 
@@ -71,6 +74,9 @@ class BackendOptions:
             :func:`default_cache_dir`.
         stages: the ``openvino`` engine's backend per stage (``openvino`` or ``ort``); None
             measures once per machine and caches the choice. Stages left out are measured.
+        slabs: the ``openvino`` engine runs the finest flow estimator in this many slabs along X
+            (:mod:`iirp.runtime.slabs`): the same flow, that stage's working memory cut to about
+            ``1/slabs`` plus its halo, for a little more time. 1 runs it whole.
 
     Raises:
         BackendOptionError: a value outside the above (raised on construction).
@@ -80,6 +86,7 @@ class BackendOptions:
     threads: Optional[int] = None
     cache_dir: Optional[PathLike] = None
     stages: Optional[Mapping[str, str]] = field(default=None, hash=False)
+    slabs: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.precision, str) or self.precision.strip().lower() not in PRECISIONS:
@@ -93,6 +100,10 @@ class BackendOptions:
         ):
             raise BackendOptionError(
                 f"BackendOptions() 'threads' (--threads) must be an integer >= 1, got {self.threads!r}"
+            )
+        if isinstance(self.slabs, bool) or not isinstance(self.slabs, int) or not 1 <= self.slabs <= MAX_SLABS:
+            raise BackendOptionError(
+                f"BackendOptions() 'slabs' (--slabs) must be an integer from 1 to {MAX_SLABS}, got {self.slabs!r}"
             )
         if self.stages is not None:
             from iirp.manifest import STAGES
