@@ -187,3 +187,26 @@ def test_slab_option_errors(exported, private_cache, tmp_path: Path, extra: list
     assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("iirp-run: error: "), result.stderr
     assert needle in lines[0]
     assert not out.exists()
+
+
+def test_dynamic_export_runs_slabs_on_its_model_grid_only(exported, private_cache, tmp_path: Path) -> None:
+    pytest.importorskip("openvino")
+    from iirp.errors import IirpError
+    from iirp.export import export_checkpoint
+    from iirp.manifest import Manifest
+    from iirp.runtime.engines import BackendOptions
+    from iirp.runtime.engines.openvino import OpenVinoBackend
+
+    folder = tmp_path / "dynamic"
+    export_checkpoint(exported[0]["ckpt"], folder, dynamic=True, verify=False, progress=False, exporter="torchscript")
+    manifest = Manifest.load(folder)
+    rng = np.random.default_rng(3)
+    feeds = {t: rng.random((1, 8, *manifest.size), dtype=np.float32) for t in ("moving_features", "fixed_features")}
+    stage = "flow_estimator_1"
+    with OpenVinoBackend(stage, manifest, folder, "cpu", BackendOptions(precision="fp32")) as whole, \
+            OpenVinoBackend(stage, manifest, folder, "cpu", BackendOptions(precision="fp32", slabs=2)) as sliced:
+        assert sliced.runs_on == "openvino-fp32 in 2 slabs"
+        np.testing.assert_allclose(sliced.infer(feeds)["flow"], whole.infer(feeds)["flow"], rtol=0, atol=1e-5)
+        other = {name: rng.random((1, 8, 40, *manifest.size[1:]), dtype=np.float32) for name in feeds}
+        with pytest.raises(IirpError, match=r"--slabs was set up for the model grid's X = 32, got X = 40"):
+            sliced.infer(other)

@@ -290,6 +290,11 @@ class OpenVinoBackend(Backend):
 
     def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.windows is not None:  # new whole outputs, assembled from the slabs
+            extent = self.windows[-1].keep_stop
+            for name, array in feeds.items():
+                if array.shape[SLAB_AXIS] != extent:  # a dynamic export fed another grid than the manifest's
+                    raise IirpError(f"{self.name}.infer() '{name}': --slabs was set up for the model grid's "
+                                    f"X = {extent}, got X = {array.shape[SLAB_AXIS]}")
             request, _ = self._free_request()
             ports = self.output_ports
 
