@@ -341,6 +341,40 @@ def test_forced_stage_backends(exported) -> None:
         BackendOptions(stages={"feature_extractor": "tensorrt"})
 
 
+@pytest.mark.parametrize(("best_ms", "chosen"), [
+    ({"openvino": 29.4, "ort": 28.7}, "openvino"),  # a near tie stays on OpenVINO: no second runtime to load
+    ({"openvino": 110.1, "ort": 100.0}, "ort"),
+    ({"openvino": 109.9, "ort": 100.0}, "openvino"),
+    ({"openvino": 50.0, "ort": 80.0}, "openvino"),
+])
+def test_onnxruntime_must_win_by_the_margin(best_ms: dict, chosen: str) -> None:
+    assert ovmod.choose_backend(best_ms) == chosen
+
+
+def test_all_openvino_stages_never_import_onnxruntime(exported, pair, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    moving, fixed = pair
+    np.save(tmp_path / "moving.npy", moving)
+    np.save(tmp_path / "fixed.npy", fixed)
+    code = (
+        "import sys, numpy as np\n"
+        "from iirp.iterstop import parse_iterstop\n"
+        "from iirp.manifest import STAGES\n"
+        "from iirp.runtime.engines import BackendOptions\n"
+        "from iirp.runtime.pipeline import EngineSolver\n"
+        f"solver = EngineSolver({str(exported[1])!r}, 'openvino', options=BackendOptions(\n"
+        "    precision='fp32', stages={s: 'openvino' for s in STAGES}))\n"
+        f"trace = solver.solve(np.load({str(tmp_path / 'moving.npy')!r}), np.load({str(tmp_path / 'fixed.npy')!r}),\n"
+        "                     parse_iterstop('official'))\n"
+        "print(solver.backend_report['stage_backends'], 'onnxruntime' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().endswith("False"), out
+    assert "ort-" not in out
+
+
 # --------------------------------------------------------------------------- bf16 (native CPUs only)
 
 

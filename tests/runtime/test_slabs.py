@@ -156,6 +156,13 @@ def test_openvino_slabs_give_the_whole_run(exported, private_cache, slabs: int) 
     assert report["stage_backends"]["flow_estimator_1"] == f"openvino-fp32 in {slabs} slabs"
     assert "slabs" not in report["stage_backends"]["flow_estimator_2"]
     assert report["openvino"]["stage_choice"]["flow_estimator_1"]["how"] == f"slabs={slabs}"
+    # the memory option also unloads every OpenVINO stage after the pair; the next pair loads them from the cache
+    on_openvino = [b.inner for b in sliced.stages.stages.values() if b.runs_on.startswith("openvino")]
+    assert on_openvino and not any(b.loaded for b in on_openvino)
+    assert all(b.inner.loaded for b in solver_whole.stages.stages.values() if b.runs_on.startswith("openvino"))
+    again = sliced.solve(prepared.moving, prepared.fixed, rule)
+    assert again.iterations == trace.iterations
+    np.testing.assert_array_equal(again.flow, trace.flow)
 
 
 def test_slabs_cannot_be_forced_onto_ort(exported, private_cache) -> None:

@@ -16,13 +16,13 @@ Precision (``--precision``, :func:`select_precision`):
   (:attr:`PrecisionChoice.note`, the report's ``precision_note``). No record means fp32: a bf16
   result is only used where it was shown to reproduce the fp32 registration.
 
-Per-stage backend: each stage runs on OpenVINO or on onnxruntime, whichever is faster on this
-machine. The choice is measured once (both backends loaded, one warm-up and up to three
-interleaved timed runs each on a random input of the stage's shape, fewer for a slow stage with a
-clear winner; the faster minimum wins), stored in
-``<cache>/stage_backends.json`` keyed by the stage file's sha256, precision, threads, CPU and
-library versions, and reused; ``BackendOptions.stages`` forces it. Why: OpenVINO's flow
-estimators ran 1.6-1.9x faster than onnxruntime here (2x on the Intel machine of the issue),
+Per-stage backend: each stage runs on OpenVINO, or on onnxruntime where that is more than 10 %
+faster on this machine (:func:`choose_backend`). The choice is measured once (both backends loaded,
+one warm-up and up to three interleaved timed runs each on a random input of the stage's shape,
+fewer for a slow stage with a clear winner; the minima are compared), stored in
+``<cache>/stage_backends.json`` keyed by the stage file's sha256, precision, threads, CPU,
+library versions and the rule (:data:`CHOICE_RULE`), and reused; ``BackendOptions.stages`` forces it.
+Why: OpenVINO's flow estimators ran 1.6-1.9x faster than onnxruntime here (2x on the Intel machine of the issue),
 while its feature extractor was slower (see README, "OpenVINO engine"). Both backends were
 verified against PyTorch (onnxruntime by ``iirp-export``, OpenVINO fp32 by the tests; bf16 by the
 gate), so the choice is between verified backends.
@@ -65,6 +65,7 @@ __all__ = [
     "cpu_name",
     "bf16_gate_status",
     "select_precision",
+    "choose_backend",
     "check_engine_folder",
     "STAGE_CHOICE_FILE",
 ]
@@ -82,6 +83,13 @@ CHOICE_RUNS = 3
 #: busy machine must not decide them).
 CHOICE_CLEAR_RATIO = 1.25
 CHOICE_SLOW_ROUND_MS = 1000.0
+#: onnxruntime runs a stage only when its best time beats OpenVINO's by more than this factor. The
+#: engine loads OpenVINO anyway, while onnxruntime costs its own import (0.25 s and 19 MB here) and
+#: session, and a near tie flips with noise from one measurement to the next (the full-size feature
+#: extractor and coarsest estimator did on the development machine).
+CHOICE_ORT_MARGIN = 1.10
+#: Part of every cached choice's key: a change of the rule above measures again.
+CHOICE_RULE = "ort-margin-1.10"
 
 
 class OpenVinoPrecisionError(IirpError):
@@ -210,7 +218,7 @@ class OpenVinoBackend(Backend):
         return f"openvino-{getattr(self, 'precision', self.options.precision)}{slabs}"
 
     def _activate(self) -> None:
-        ov = _openvino()
+        _openvino()  # one clear error where OpenVINO is missing
         check_engine_folder(self.manifest, self.device)
         precision = self.options.precision
         if precision == "auto":
@@ -231,25 +239,33 @@ class OpenVinoBackend(Backend):
             config["CACHE_DIR"] = str(self.cache_dir)
         if self.folder is None:
             raise IirpError(f"OpenVINO stage {self.name}: no engine folder to read {self.spec.file} from")
+        self.config = config
+        self.windows = self._slab_windows(self.folder / self.spec.file)
+        self._compile()
+        self.compile_ms = self.last_compile_ms
+        self.loaded_from_cache = _property(self.compiled, "LOADED_FROM_CACHE", False) is True
+
+    def _compile(self) -> None:
+        """Compile (or load from OpenVINO's cache) the stage, read its precision and ports back."""
+        ov = _openvino()
+        assert self.folder is not None
         path = self.folder / self.spec.file
-        self.windows = self._slab_windows(path)
         t0 = time.perf_counter()
         try:
             core = ov.Core()
             if self.windows is None:
-                self.compiled = core.compile_model(str(path), "CPU", config)
+                self.compiled = core.compile_model(str(path), "CPU", self.config)
             else:  # the model reshaped to one slab (the cache keys on the reshaped model)
                 model = core.read_model(str(path))
                 model.reshape({t.name: self._slab_shape(t) for t in self.spec.inputs})
-                self.compiled = core.compile_model(model, "CPU", config)
+                self.compiled = core.compile_model(model, "CPU", self.config)
         except Exception as err:  # OpenVINO raises RuntimeError with a multi-line log
             raise IirpError(f"OpenVINO cannot compile {path}: {str(err).strip().splitlines()[0]}") from err
-        self.compile_ms = (time.perf_counter() - t0) * 1e3
-        self.loaded_from_cache = _property(self.compiled, "LOADED_FROM_CACHE", False) is True
+        self.last_compile_ms = (time.perf_counter() - t0) * 1e3
         ran = _type_name(_property(self.compiled, "INFERENCE_PRECISION_HINT", "?"))
-        if ran != _HINTS[precision]:  # e.g. a bf16 hint on a CPU without bf16 compiles f32 silently
+        if ran != _HINTS[self.precision]:  # e.g. a bf16 hint on a CPU without bf16 compiles f32 silently
             raise OpenVinoPrecisionError(
-                f"OpenVINO compiled stage {self.name} with inference precision {ran}, not the asked {precision}"
+                f"OpenVINO compiled stage {self.name} with inference precision {ran}, not the asked {self.precision}"
             )
         declared = {kind: [replace(t, shape=list(self._slab_shape(t))) if self.windows else t for t in tensors]
                     for kind, tensors in (("input", self.spec.inputs), ("output", self.spec.outputs))}
@@ -279,16 +295,34 @@ class OpenVinoBackend(Backend):
     def trim(self) -> None:
         """Drops the infer requests none of whose outputs is still viewed (their output tensors go with them),
         then ``CompiledModel.release_memory()`` frees the intermediate buffers; OpenVINO allocates both again
-        on the next call. Output tensors that returned arrays may still view are kept."""
+        on the next call. Output tensors that returned arrays may still view are kept.
+
+        With ``--slabs`` (the memory option) a stage with no request left also unloads its compiled model,
+        where OpenVINO's cache will give it back (``CACHE_DIR``; 20-130 ms at full size, on its next call):
+        ``release_memory`` keeps some buffers (83 MB after the level-2 estimator at full size), unloading
+        keeps none.
+        """
         requests = self.__dict__.get("requests")
         if requests is not None:
             requests[:] = [(request, leases) for request, leases in requests
                            if any(ref() is not None for ref in leases)]
         compiled = self.__dict__.get("compiled")
-        if compiled is not None and hasattr(compiled, "release_memory"):  # OpenVINO >= 2024.3
+        if compiled is None:
+            return
+        if self.options.slabs > 1 and self.cache_dir is not None and not requests:
+            for attr in ("requests", "output_ports", "compiled"):
+                self.__dict__.pop(attr, None)
+        elif hasattr(compiled, "release_memory"):  # OpenVINO >= 2024.3
             compiled.release_memory()
 
+    @property
+    def loaded(self) -> bool:
+        """Whether the compiled model is in memory (see :meth:`trim`)."""
+        return "compiled" in self.__dict__
+
     def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not self.loaded:  # unloaded by trim(): back from OpenVINO's cache
+            self._compile()
         if self.windows is not None:  # new whole outputs, assembled from the slabs
             extent = self.windows[-1].keep_stop
             for name, array in feeds.items():
@@ -455,7 +489,7 @@ class OpenVinoStage(Backend):
             for backend in entered.values():
                 backend.__exit__(None, None, None)
             raise
-        best = min(ms, key=lambda n: min(ms[n]))
+        best = choose_backend({n: min(v) for n, v in ms.items()})
         for name, backend in entered.items():
             if name != best:
                 backend.__exit__(None, None, None)
@@ -472,13 +506,11 @@ class OpenVinoStage(Backend):
         return {t.name: rng.random(t.resolve(sizes), dtype=np.float32) for t in self.spec.inputs}
 
     def _choice_key(self) -> str:
-        import onnxruntime
-
         ov = _openvino()
         threads = self.options.threads or f"all{usable_cores()}"
         return "|".join(str(p) for p in (
             self.name, self.spec.sha256[:16], "x".join(map(str, self.manifest.size)), self.options.precision,
-            f"threads={threads}", cpu_name(), f"openvino={ov.__version__}", f"ort={onnxruntime.__version__}",
+            f"threads={threads}", cpu_name(), f"openvino={ov.__version__}", f"ort={_ort_version()}", CHOICE_RULE,
         ))
 
     def _release(self) -> None:
@@ -498,6 +530,25 @@ class OpenVinoStage(Backend):
     def loaded_from_cache(self) -> Optional[bool]:
         """Whether OpenVINO loaded this stage's compiled model from its cache (None: runs on onnxruntime)."""
         return getattr(self.__dict__.get("inner"), "loaded_from_cache", None)
+
+
+def choose_backend(best_ms: dict[str, float]) -> str:
+    """The backend a stage runs on, from each backend's best measured time (ms): OpenVINO unless onnxruntime
+    is faster by more than :data:`CHOICE_ORT_MARGIN`."""
+    if "ort" in best_ms and "openvino" in best_ms:
+        return "ort" if best_ms["ort"] * CHOICE_ORT_MARGIN < best_ms["openvino"] else "openvino"
+    return min(best_ms, key=lambda n: best_ms[n])
+
+
+def _ort_version() -> str:
+    """The installed onnxruntime's version, without importing it (0.25 s): a process whose stages all run on
+    OpenVINO never loads onnxruntime."""
+    import importlib.metadata
+
+    for dist in ("onnxruntime", "onnxruntime-gpu"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            return importlib.metadata.version(dist)
+    return "absent"
 
 
 def _read_choices(cache: Path) -> dict[str, Any]:
