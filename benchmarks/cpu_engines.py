@@ -12,13 +12,14 @@ Released checkpoint (160x192x160), ``official`` IterStop, LPBA40 S05 <- S20 and 
    shared labels, folding, and the flow's difference from the reference run (max over the grid,
    and the 99th / 99.9th percentiles inside the fixed brain). One untimed run per engine first,
    so that every timed run finds the caches a second run finds (OpenVINO's compiled models and
-   stage choice, numba); its load time is reported as the first run's cost. ``--slabs N ...`` adds
-   ``openvino --slabs N`` processes (the memory option), compared with the whole ``openvino`` run.
+   stage choice, numba); its load time is reported as the first run's cost. The memory options add
+   ``ort --low-memory``, ``openvino --low-memory`` and ``openvino --slabs N`` processes, each compared
+   with its engine's own run.
 
 Writes ``<out>/cpu_engines.md`` and ``.json``.
 
-    python benchmarks/cpu_engines.py [--engines DIR] [--rounds 3] [--authors CHECKOUT] [--slabs 4 8]
-                                     [--data ../shared/data]
+    python benchmarks/cpu_engines.py [--engines DIR] [--rounds 3] [--authors CHECKOUT] [--slabs 4]
+                                     [--no-low-memory] [--data ../shared/data]
 
 ``--authors``: a checkout of github.com/Torbjorn1997/IIRP-Net; its ``voxelmorph/torch/iirp.py`` is
 loaded on its own (it imports nibabel: ``pip install nibabel``).
@@ -284,12 +285,13 @@ def render(env: dict, core: dict, processes: dict, acc: dict, note: dict) -> str
         "",
         f"Engine `openvino` ran its stages on: {backends}.",
         "",
-        *(["`--slabs N` runs the finest flow estimator in N slabs along X (README, Memory); its largest |flow "
-           "difference| from the whole `openvino` run (any component, mm = voxels): "
+        *(["Memory options (README, Memory): `--low-memory` (onnxruntime without its CPU arena; OpenVINO with the "
+           "finest estimator in 8 slabs along X and each stage unloaded after the pair) and `--slabs N`. Largest "
+           "|flow difference| of each from its engine's own run (any component, mm = voxels): "
            + "; ".join(f"{name}: " + ", ".join(f"{d} {v:.1e}" if v else f"{d} 0 (bit-identical)"
                                               for d, v in per.items())
-                       for name, per in note["slabs_vs_whole"].items()) + ".", ""]
-          if note.get("slabs_vs_whole") else []),
+                       for name, per in note["variant_vs_engine"].items()) + ".", ""]
+          if note.get("variant_vs_engine") else []),
         "## Accuracy (the last timed run of each)",
         "",
         "Mean Dice over the 48 labels both subjects share; flow difference from the reference run in voxels "
@@ -309,8 +311,10 @@ def main() -> None:
                         "(default: exported into a temporary folder)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--authors", type=Path, default=None, help="checkout of Torbjorn1997/IIRP-Net")
-    parser.add_argument("--slabs", type=int, nargs="*", default=[4, 8],
+    parser.add_argument("--slabs", type=int, nargs="*", default=[4],
                         help="also time `--engine openvino --slabs N` processes (memory rows; none: no such rows)")
+    parser.add_argument("--low-memory", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time `--low-memory` processes of ort and openvino")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
 
@@ -358,16 +362,19 @@ def main() -> None:
         }
         if bf16:
             commands["openvino fp32"] = run + ["--engines", str(engines), "--engine", "openvino", "--precision", "fp32"]
+        if args.low_memory:
+            for name in ("ort", "openvino"):
+                commands[f"{name} --low-memory"] = commands[name] + ["--low-memory"]
         for n in args.slabs:
             commands[f"openvino --slabs {n}"] = commands["openvino"] + ["--slabs", str(n)]
         print("whole process", flush=True)
         processes = time_processes(commands, brain, tmp, args.rounds)
         note["load_after"] = loadavg()
         acc = accuracy(processes, brain, "reference")
-        note["slabs_vs_whole"] = {
-            name: {d: _flow_max_diff(processes[name]["runs"][d][-1], processes["openvino"]["runs"][d][-1])
+        note["variant_vs_engine"] = {  # "ENGINE --option" against ENGINE's own run
+            name: {d: _flow_max_diff(processes[name]["runs"][d][-1], processes[name.split()[0]]["runs"][d][-1])
                    for d in processes[name]["runs"]}
-            for name in processes if "--slabs" in name}
+            for name in processes if " --" in name}
 
     env = environment()
     text = render(env, core, processes, acc, note)

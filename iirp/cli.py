@@ -66,9 +66,12 @@ def run(
         "auto", "--precision", help="auto | fp32 | bf16 (engine openvino; others compute in the folder's precision)."
     ),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads per library (default: all cores)."),
+    low_memory: bool = typer.Option(
+        False, "--low-memory", help="Engines ort and openvino: less memory for a little more time; the same flow "
+                                    "(README, Memory)."),
     slabs: int = typer.Option(
         1, "--slabs", help="Engine openvino: run the finest flow estimator in N slabs: same flow, less memory, "
-                           "a little more time (README, Memory)."),
+                           "a little more time (--low-memory: 8)."),
     iterstop: str = typer.Option("official", "--iterstop", help="official | paper | rpnet | fixed:a,b,c,d"),
     delta: float = typer.Option(DEFAULT_DELTA, "--delta", help="IterStop NCC improvement threshold."),
     max_iters: int = typer.Option(DEFAULT_MAX_ITERS, "--max-iters", help="Maximum passes per level."),
@@ -117,9 +120,9 @@ def run(
         _fail("iirp-run", f"{', '.join(cohort.given())}: cohort options, for --pairs runs", verbose)
     if demo:
         if fixed is not None or moving is not None or pairs is not None or checkpoint is not None \
-                or engines is not None or moving_seg is not None or slabs != 1:
-            _fail("iirp-run", "--demo takes no images, --pairs, --moving-seg, --checkpoint, --engines or --slabs",
-                  verbose)
+                or engines is not None or moving_seg is not None or slabs != 1 or low_memory:
+            _fail("iirp-run", "--demo takes no images, --pairs, --moving-seg, --checkpoint, --engines, --slabs or "
+                  "--low-memory", verbose)
         _run_demo(Path(out or "iirp-demo"), engine or fastest_cpu_engine(), verbose, as_json)
         return
     if out is None:
@@ -137,7 +140,7 @@ def run(
     device = device or default_device(engine_name)
 
     spec = SolverSpec.of(engine_name, checkpoint=checkpoint, engines=engines, device=device, threads=threads,
-                         precision=precision, slabs=slabs)
+                         precision=precision, slabs=slabs, low_memory=low_memory)
 
     def _options() -> RegistrationOptions:
         # parsed once, cheap checks first: a typo does not wait for the images or the model to load

@@ -90,5 +90,5 @@ def test_demo_rejects_images(tmp_path: Path) -> None:
     res = CliRunner().invoke(run_app, ["--demo", str(tmp_path / "a.nii.gz"), "-o", str(tmp_path / "o")])
     assert res.exit_code == 2
     assert res.stderr.strip().splitlines() == ["iirp-run: error: --demo takes no images, --pairs, --moving-seg, "
-                                               "--checkpoint, --engines or --slabs"]
+                                               "--checkpoint, --engines, --slabs or --low-memory"]
     assert not (tmp_path / "o").exists()

@@ -264,11 +264,13 @@ class EngineSolver:
 
     @property
     def backend_report(self) -> dict[str, Any]:
-        """What the report records about the backends: precision note, threads, slabs, load time, backend per stage."""
+        """What the report records about the backends: precision note, threads, memory options, load time, backend
+        per stage."""
         report: dict[str, Any] = {
             "precision_note": self.precision_note,
             "threads": self.options.threads,
-            "slabs": self.options.slabs,
+            "low_memory": self.options.low_memory,
+            "slabs": self.options.finest_slabs if self.engine == "openvino" else 1,
             "load_ms": self.load_ms,
             "stage_backends": self.stages.runs_on() if self._entered else None,
         }

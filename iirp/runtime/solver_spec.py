@@ -41,6 +41,7 @@ class SolverSpec:
             torch), or None for the libraries' defaults (every core).
         precision: ``--precision`` (:class:`~iirp.runtime.engines.options.BackendOptions`).
         slabs: ``--slabs``: the finest flow estimator in this many slabs (engine ``openvino``; 1: whole).
+        low_memory: ``--low-memory`` (engines ``ort`` and ``openvino``).
     """
 
     engine: str
@@ -50,27 +51,34 @@ class SolverSpec:
     threads: Optional[int] = None
     precision: str = "auto"
     slabs: int = 1
+    low_memory: bool = False
 
     @classmethod
     def of(cls, engine: Optional[str], *, checkpoint: Optional[PathLike] = None, engines: Optional[PathLike] = None,
            device: Optional[str] = None, threads: Optional[int] = None, precision: str = "auto",
-           slabs: int = 1) -> "SolverSpec":
+           slabs: int = 1, low_memory: bool = False) -> "SolverSpec":
         """A spec from command-line values, with ``iirp-run``'s defaults for the engine and the device."""
         from iirp.runtime.solvers import default_device, default_engine
 
         name = engine or default_engine(checkpoint, engines)
-        return cls(name, _str(checkpoint), _str(engines), device or default_device(name), threads, precision, slabs)
+        return cls(name, _str(checkpoint), _str(engines), device or default_device(name), threads, precision, slabs,
+                   low_memory)
 
     def options(self) -> BackendOptions:
         """The backend options of this spec (checked: a bad precision, thread or slab count is one clear error).
 
         Raises:
-            BackendOptionError: a malformed value, or ``slabs`` > 1 for another engine than ``openvino``.
+            BackendOptionError: a malformed value, ``slabs`` > 1 for another engine than ``openvino``, or
+                ``low_memory`` for another engine than ``ort`` and ``openvino`` on the CPU.
         """
-        options = BackendOptions(precision=self.precision, threads=self.threads, slabs=self.slabs)
+        options = BackendOptions(precision=self.precision, threads=self.threads, slabs=self.slabs,
+                                 low_memory=self.low_memory)
         if options.slabs > 1 and self.engine != "openvino":
             raise BackendOptionError(f"--slabs is for engine 'openvino' (it runs the finest flow estimator in slabs); "
                                      f"engine {self.engine!r} runs it whole")
+        if options.low_memory and (self.engine not in ("ort", "openvino") or self.device != "cpu"):
+            raise BackendOptionError(f"--low-memory is for engines 'ort' and 'openvino' on the CPU, got engine "
+                                     f"{self.engine!r} on {self.device}")
         return options
 
     def for_workers(self, threads: Optional[int]) -> "SolverSpec":

@@ -217,3 +217,67 @@ def test_dynamic_export_runs_slabs_on_its_model_grid_only(exported, private_cach
         other = {name: rng.random((1, 8, 40, *manifest.size[1:]), dtype=np.float32) for name in feeds}
         with pytest.raises(IirpError, match=r"--slabs was set up for the model grid's X = 32, got X = 40"):
             sliced.infer(other)
+
+
+# --------------------------------------------------------------------------- --low-memory
+
+
+def test_low_memory_ort_drops_the_arena_and_keeps_the_flow(exported, private_cache) -> None:
+    from iirp.iterstop import parse_iterstop
+    from iirp.runtime.engines import BackendOptions
+    from iirp.runtime.imageio import read_image
+    from iirp.runtime.pipeline import EngineSolver
+    from iirp.runtime.register import RegistrationOptions, prepare_pair
+
+    data, folder = exported
+    default = EngineSolver(folder, "ort")
+    lean = EngineSolver(folder, "ort", options=BackendOptions(low_memory=True))
+    prepared = prepare_pair(read_image(data["fixed"], "fixed"), read_image(data["moving"], "moving"),
+                            default.model_size, RegistrationOptions())
+    rule = parse_iterstop("official")
+    a, b = default.solve(prepared.moving, prepared.fixed, rule), lean.solve(prepared.moving, prepared.fixed, rule)
+    assert a.iterations == b.iterations
+    np.testing.assert_array_equal(a.flow, b.flow)
+    arenas = {name: stage.session.get_session_options().enable_cpu_mem_arena
+              for name, stage in lean.stages.stages.items()}
+    assert arenas == {name: False for name in arenas}
+    assert all(s.session.get_session_options().enable_cpu_mem_arena for s in default.stages.stages.values())
+    assert lean.backend_report["low_memory"] is True and lean.backend_report["slabs"] == 1
+
+
+def test_low_memory_openvino_runs_eight_slabs_unless_told(exported, private_cache) -> None:
+    pytest.importorskip("openvino")
+    from iirp.runtime.engines import LOW_MEMORY_SLABS, BackendOptions
+    from iirp.runtime.pipeline import EngineSolver
+
+    assert LOW_MEMORY_SLABS == 8
+    for options, slabs in ((BackendOptions(precision="fp32", low_memory=True), 8),
+                           (BackendOptions(precision="fp32", low_memory=True, slabs=2), 2)):
+        solver = EngineSolver(exported[1], "openvino", options=options)
+        solver.load()
+        assert solver.backend_report["stage_backends"]["flow_estimator_1"] == f"openvino-fp32 in {slabs} slabs"
+        assert solver.backend_report["slabs"] == slabs and solver.backend_report["low_memory"] is True
+        solver.close()
+
+
+def test_low_memory_option_errors(exported, private_cache, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from iirp.cli import run_app
+    from iirp.runtime.engines import BackendOptionError, BackendOptions
+
+    with pytest.raises(BackendOptionError, match="'low_memory' must be True or False, got 'yes'"):
+        BackendOptions(low_memory="yes")  # type: ignore[arg-type]
+    data, engines = exported
+    out = tmp_path / "out"
+    result = CliRunner().invoke(run_app, [str(data["fixed"]), str(data["moving"]), "--engines", str(engines),
+                                          "--engine", "torch", "--low-memory", "-o", str(out)])
+    assert result.exit_code == 2 and not out.exists()
+    assert result.stderr.strip().splitlines() == [
+        "iirp-run: error: --low-memory is for engines 'ort' and 'openvino' on the CPU, got engine 'torch' on cpu"]
+    result = CliRunner().invoke(run_app, [str(data["fixed"]), str(data["moving"]), "--engines", str(engines),
+                                          "--low-memory", "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.stderr
+    import json
+
+    assert json.loads((out / "report.json").read_text())["low_memory"] is True

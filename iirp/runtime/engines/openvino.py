@@ -275,10 +275,11 @@ class OpenVinoBackend(Backend):
         self.requests: list[tuple[Any, list[weakref.ref]]] = []  # (infer request, leases of its last outputs)
 
     def _slab_windows(self, path: Path) -> Optional[list[SlabWindow]]:
-        """The slabs this stage runs in (``options.slabs`` for the finest estimator), or None: whole."""
-        if self.options.slabs == 1 or self.name != estimator_stage(1):
+        """The slabs this stage runs in (``options.finest_slabs`` for the finest estimator), or None: whole."""
+        slabs = self.options.finest_slabs
+        if slabs == 1 or self.name != estimator_stage(1):
             return None
-        windows = slab_windows(self.manifest.size[0], self.options.slabs, stage_halo(path))
+        windows = slab_windows(self.manifest.size[0], slabs, stage_halo(path))
         return windows if len(windows) > 1 and windows[0].stop - windows[0].start < self.manifest.size[0] else None
 
     def _slab_shape(self, tensor: Any) -> tuple[int, ...]:
@@ -297,7 +298,7 @@ class OpenVinoBackend(Backend):
         then ``CompiledModel.release_memory()`` frees the intermediate buffers; OpenVINO allocates both again
         on the next call. Output tensors that returned arrays may still view are kept.
 
-        With ``--slabs`` (the memory option) a stage with no request left also unloads its compiled model,
+        With ``--low-memory`` or ``--slabs`` a stage with no request left also unloads its compiled model,
         where OpenVINO's cache will give it back (``CACHE_DIR``; 20-130 ms at full size, on its next call):
         ``release_memory`` keeps some buffers (83 MB after the level-2 estimator at full size), unloading
         keeps none.
@@ -309,7 +310,7 @@ class OpenVinoBackend(Backend):
         compiled = self.__dict__.get("compiled")
         if compiled is None:
             return
-        if self.options.slabs > 1 and self.cache_dir is not None and not requests:
+        if self.options.saves_memory and self.cache_dir is not None and not requests:
             for attr in ("requests", "output_ports", "compiled"):
                 self.__dict__.pop(attr, None)
         elif hasattr(compiled, "release_memory"):  # OpenVINO >= 2024.3
@@ -444,10 +445,11 @@ class OpenVinoStage(Backend):
         check_engine_folder(self.manifest, self.device)
         forced = (self.options.stages or {}).get(self.name)
         how = "forced"
-        if self.options.slabs > 1 and self.name == estimator_stage(1):  # only OpenVINO runs a stage in slabs here
+        slabs = self.options.finest_slabs
+        if slabs > 1 and self.name == estimator_stage(1):  # only OpenVINO runs a stage in slabs here
             if forced not in (None, "openvino"):
                 raise BackendOptionError(f"--slabs runs {self.name} on OpenVINO; it cannot also be put on {forced}")
-            forced, how = "openvino", f"slabs={self.options.slabs}"
+            forced, how = "openvino", f"slabs={slabs}"
         t0 = time.perf_counter()
         if forced is not None:
             self.inner = self._make(forced).__enter__()

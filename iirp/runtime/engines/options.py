@@ -17,6 +17,7 @@ from iirp.errors import IirpError
 from iirp.typing import PathLike
 
 __all__ = [
+    "LOW_MEMORY_SLABS",
     "MAX_SLABS",
     "PRECISIONS",
     "STAGE_BACKENDS",
@@ -31,6 +32,9 @@ __all__ = [
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 #: Most slabs ``--slabs`` takes (past a few, each slab's halo costs more time than the memory saved).
 MAX_SLABS = 16
+#: Slabs of the finest estimator under ``--low-memory`` (engine ``openvino``): at full size 8 slabs took the
+#: peak from 2518 to 1433 MiB for 0.9 s, 4 slabs to 1628 MiB for 0.5 s (benchmarks/results/cpu_engines.md).
+LOW_MEMORY_SLABS = 8
 #: Backends the ``openvino`` engine may run a stage on.
 STAGE_BACKENDS = ("openvino", "ort")
 
@@ -76,7 +80,11 @@ class BackendOptions:
             measures once per machine and caches the choice. Stages left out are measured.
         slabs: the ``openvino`` engine runs the finest flow estimator in this many slabs along X
             (:mod:`iirp.runtime.slabs`): the same flow, that stage's working memory cut to about
-            ``1/slabs`` plus its halo, for a little more time. 1 runs it whole.
+            ``1/slabs`` plus its halo, for a little more time. 1 runs it whole (or in
+            :data:`LOW_MEMORY_SLABS` with ``low_memory``).
+        low_memory: less memory for a little time (README, Memory): onnxruntime runs without its
+            CPU memory arena; OpenVINO runs the finest estimator in slabs and unloads each stage once
+            a pair is done with it. The flows do not change.
 
     Raises:
         BackendOptionError: a value outside the above (raised on construction).
@@ -87,6 +95,7 @@ class BackendOptions:
     cache_dir: Optional[PathLike] = None
     stages: Optional[Mapping[str, str]] = field(default=None, hash=False)
     slabs: int = 1
+    low_memory: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.precision, str) or self.precision.strip().lower() not in PRECISIONS:
@@ -105,6 +114,8 @@ class BackendOptions:
             raise BackendOptionError(
                 f"BackendOptions() 'slabs' (--slabs) must be an integer from 1 to {MAX_SLABS}, got {self.slabs!r}"
             )
+        if not isinstance(self.low_memory, bool):
+            raise BackendOptionError(f"BackendOptions() 'low_memory' must be True or False, got {self.low_memory!r}")
         if self.stages is not None:
             from iirp.manifest import STAGES
 
@@ -114,6 +125,17 @@ class BackendOptions:
                     f"BackendOptions() 'stages' maps stage names ({', '.join(STAGES)}) to "
                     f"{' or '.join(STAGE_BACKENDS)}, got {bad!r}"
                 )
+
+    @property
+    def finest_slabs(self) -> int:
+        """Slabs of the ``openvino`` engine's finest estimator: ``slabs``, or :data:`LOW_MEMORY_SLABS` with
+        ``low_memory`` and no slab count given."""
+        return self.slabs if self.slabs > 1 or not self.low_memory else LOW_MEMORY_SLABS
+
+    @property
+    def saves_memory(self) -> bool:
+        """``low_memory``, or slabs asked for: the ``openvino`` engine then also unloads stages after a pair."""
+        return self.low_memory or self.slabs > 1
 
     @property
     def cache_path(self) -> Path:
