@@ -270,7 +270,8 @@ def render(env: dict, core: dict, processes: dict, acc: dict, note: dict) -> str
         "",
         "## Registration core (features + IterStop loop, pair already on the model grid)",
         "",
-        f"S05 <- S20, same process, engines interleaved; median of {note['rounds']} rounds after a warm-up; seconds.",
+        f"S05 <- S20, same process, engines interleaved; median of {note['rounds']} rounds after a warm-up (so, as "
+        "for a cohort's later pairs, with whatever each engine keeps between pairs); seconds.",
         "",
         markdown_table(["engine", "seconds", "vs reference", "vs ort fp32", "iterations", "per stage (s)"], core_rows),
         "",
@@ -346,6 +347,11 @@ def main() -> None:
         if bf16:
             solvers["openvino bf16"] = make_solver("openvino", engines=engines,
                                                    options=BackendOptions(precision="bf16"))
+        if args.low_memory:  # repeated pairs in one process, as in a cohort: what the memory options cost there
+            solvers["ort fp32 --low-memory"] = make_solver("ort", engines=engines,
+                                                           options=BackendOptions(low_memory=True))
+            solvers["openvino fp32 --low-memory"] = make_solver(
+                "openvino", engines=engines, options=BackendOptions(precision="fp32", low_memory=True))
         note["load_before"] = loadavg()
         print("registration core", flush=True)
         core = time_core(solvers, pair.moving, pair.fixed, args.rounds)

@@ -32,8 +32,9 @@ __all__ = [
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 #: Most slabs ``--slabs`` takes (past a few, each slab's halo costs more time than the memory saved).
 MAX_SLABS = 16
-#: Slabs of the finest estimator under ``--low-memory`` (engine ``openvino``): at full size 8 slabs took the
-#: peak from 2518 to 1433 MiB for 0.9 s, 4 slabs to 1628 MiB for 0.5 s (benchmarks/results/cpu_engines.md).
+#: Slabs of the finest estimator under ``--low-memory`` (engine ``openvino``): at full size ``--low-memory``
+#: took the peak from 2520 to 1436 MiB for 1.1 s, ``--slabs 4`` to 1630 MiB for 0.4 s
+#: (benchmarks/results/cpu_engines.md).
 LOW_MEMORY_SLABS = 8
 #: Backends the ``openvino`` engine may run a stage on.
 STAGE_BACKENDS = ("openvino", "ort")

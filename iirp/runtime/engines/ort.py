@@ -68,8 +68,8 @@ class OrtBackend(Backend):
             options.intra_op_num_threads = self.options.threads
         if self.placement.is_host:
             providers: list = ["CPUExecutionProvider"]
-            # the arena keeps each session's peak for the process's life (850 MB more at full size);
-            # without it a cohort's later pairs ran about 8 % slower here (README, Memory)
+            # the arena keeps each session's peak for the process's life (840 MB more at full size);
+            # without it a single run took the same time, repeated pairs 16 % longer (README, Memory)
             options.enable_cpu_mem_arena = not self.options.low_memory
         else:
             check_one_onnxruntime()
