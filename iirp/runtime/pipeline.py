@@ -270,7 +270,7 @@ class EngineSolver:
             "precision_note": self.precision_note,
             "threads": self.options.threads,
             "low_memory": self.options.low_memory,
-            "slabs": self.options.finest_slabs if self.engine == "openvino" else 1,
+            "slabs": getattr(self.stages[estimator_stage(1)], "slab_count", 1) if self._entered else None,
             "load_ms": self.load_ms,
             "stage_backends": self.stages.runs_on() if self._entered else None,
         }

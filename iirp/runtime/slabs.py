@@ -29,7 +29,7 @@ import numpy as np
 from iirp.errors import IirpError
 from iirp.typing import PathLike
 
-__all__ = ["SLAB_AXIS", "SlabError", "SlabWindow", "slab_windows", "stage_halo", "run_in_slabs"]
+__all__ = ["SLAB_AXIS", "SlabError", "SlabWindow", "affordable_slabs", "slab_windows", "stage_halo", "run_in_slabs"]
 
 #: The array axis slabs cut: X of ``(N, C, X, Y, Z)``.
 SLAB_AXIS = 2
@@ -83,6 +83,14 @@ def slab_windows(extent: int, slabs: int, halo: int) -> list[SlabWindow]:
         start = min(max(keep_start - halo, 0), extent - length)
         windows.append(SlabWindow(start, start + length, keep_start, keep_stop))
     return windows
+
+
+def affordable_slabs(extent: int, halo: int, most: int) -> int:
+    """The most slabs, up to ``most``, whose halos add at most half the stage's arithmetic along X
+    (``2 * halo * n <= extent / 2``); at least 1 (whole). 8 at 160 voxels and a halo of 5; 1 at 32."""
+    if halo <= 0:
+        return max(1, min(most, extent))
+    return max(1, min(most, extent // (4 * halo)))
 
 
 def stage_halo(onnx_path: PathLike) -> int:

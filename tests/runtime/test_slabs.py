@@ -164,7 +164,7 @@ def test_openvino_slabs_give_the_whole_run(exported, private_cache, slabs: int) 
     assert report["slabs"] == slabs
     assert report["stage_backends"]["flow_estimator_1"] == f"openvino-fp32 in {slabs} slabs"
     assert "slabs" not in report["stage_backends"]["flow_estimator_2"]
-    assert report["openvino"]["stage_choice"]["flow_estimator_1"]["how"] == f"slabs={slabs}"
+    assert report["openvino"]["stage_choice"]["flow_estimator_1"]["how"] == "slabs"
     # the memory option also unloads every OpenVINO stage after the pair; the next pair loads them from the cache
     on_openvino = [b.inner for b in sliced.stages.stages.values() if b.runs_on.startswith("openvino")]
     assert on_openvino and not any(b.loaded for b in on_openvino)
@@ -254,17 +254,29 @@ def test_low_memory_ort_drops_the_arena_and_keeps_the_flow(exported, private_cac
     assert lean.backend_report["low_memory"] is True and lean.backend_report["slabs"] == 1
 
 
-def test_low_memory_openvino_runs_eight_slabs_unless_told(exported, private_cache) -> None:
+@pytest.mark.parametrize(("extent", "halo", "slabs"), [
+    (160, 5, 8), (192, 5, 8), (64, 5, 3), (40, 5, 2), (32, 5, 1), (16, 5, 1), (160, 0, 8), (4, 0, 4),
+])
+def test_affordable_slabs(extent: int, halo: int, slabs: int) -> None:
+    from iirp.runtime.slabs import affordable_slabs
+
+    assert affordable_slabs(extent, halo, 8) == slabs
+    assert slabs == 1 or 2 * halo * slabs <= extent / 2  # the halos add at most half of the stage
+
+
+def test_low_memory_openvino_slabs_fit_the_grid(exported, private_cache) -> None:
     pytest.importorskip("openvino")
     from iirp.runtime.engines import LOW_MEMORY_SLABS, BackendOptions
     from iirp.runtime.pipeline import EngineSolver
 
     assert LOW_MEMORY_SLABS == 8
-    for options, slabs in ((BackendOptions(precision="fp32", low_memory=True), 8),
-                           (BackendOptions(precision="fp32", low_memory=True, slabs=2), 2)):
+    # X = 32 affords no slab of a halo-5 stage under --low-memory (it would double the arithmetic); --slabs insists
+    for options, runs_on, slabs in ((BackendOptions(precision="fp32", low_memory=True), "openvino-fp32", 1),
+                                    (BackendOptions(precision="fp32", low_memory=True, slabs=2),
+                                     "openvino-fp32 in 2 slabs", 2)):
         solver = EngineSolver(exported[1], "openvino", options=options)
         solver.load()
-        assert solver.backend_report["stage_backends"]["flow_estimator_1"] == f"openvino-fp32 in {slabs} slabs"
+        assert solver.backend_report["stage_backends"]["flow_estimator_1"] == runs_on
         assert solver.backend_report["slabs"] == slabs and solver.backend_report["low_memory"] is True
         solver.close()
 

@@ -52,8 +52,8 @@ import numpy as np
 from iirp.errors import IirpError
 from iirp.manifest import ManifestMismatchError, estimator_stage
 from iirp.runtime.engines.base import Backend, output_shapes, register_backend
-from iirp.runtime.engines.options import BackendOptionError, BackendOptions, usable_cores
-from iirp.runtime.slabs import SLAB_AXIS, SlabWindow, run_in_slabs, slab_windows, stage_halo
+from iirp.runtime.engines.options import LOW_MEMORY_SLABS, BackendOptionError, BackendOptions, usable_cores
+from iirp.runtime.slabs import SLAB_AXIS, SlabWindow, affordable_slabs, run_in_slabs, slab_windows, stage_halo
 
 __all__ = [
     "OpenVinoPrecisionError",
@@ -275,11 +275,15 @@ class OpenVinoBackend(Backend):
         self.requests: list[tuple[Any, list[weakref.ref]]] = []  # (infer request, leases of its last outputs)
 
     def _slab_windows(self, path: Path) -> Optional[list[SlabWindow]]:
-        """The slabs this stage runs in (``options.finest_slabs`` for the finest estimator), or None: whole."""
-        slabs = self.options.finest_slabs
-        if slabs == 1 or self.name != estimator_stage(1):
+        """The slabs this stage runs in (the finest estimator with ``--slabs N``, or with ``--low-memory`` as many
+        as the grid affords, up to :data:`LOW_MEMORY_SLABS`), or None: whole."""
+        if not self.options.slabs_asked or self.name != estimator_stage(1):
             return None
-        windows = slab_windows(self.manifest.size[0], slabs, stage_halo(path))
+        halo, extent = stage_halo(path), self.manifest.size[0]
+        slabs = self.options.slabs if self.options.slabs > 1 else affordable_slabs(extent, halo, LOW_MEMORY_SLABS)
+        if slabs == 1:
+            return None
+        windows = slab_windows(extent, slabs, halo)
         return windows if len(windows) > 1 and windows[0].stop - windows[0].start < self.manifest.size[0] else None
 
     def _slab_shape(self, tensor: Any) -> tuple[int, ...]:
@@ -298,7 +302,7 @@ class OpenVinoBackend(Backend):
         then ``CompiledModel.release_memory()`` frees the intermediate buffers; OpenVINO allocates both again
         on the next call. Output tensors that returned arrays may still view are kept.
 
-        With ``--low-memory`` or ``--slabs`` a stage with no request left also unloads its compiled model,
+        With ``--low-memory`` or ``--slabs N`` a stage with no request left also unloads its compiled model,
         where OpenVINO's cache will give it back (``CACHE_DIR``; 20-130 ms at full size, on its next call):
         ``release_memory`` keeps some buffers (83 MB after the level-2 estimator at full size), unloading
         keeps none.
@@ -310,11 +314,17 @@ class OpenVinoBackend(Backend):
         compiled = self.__dict__.get("compiled")
         if compiled is None:
             return
-        if self.options.saves_memory and self.cache_dir is not None and not requests:
+        if self.options.slabs_asked and self.cache_dir is not None and not requests:
             for attr in ("requests", "output_ports", "compiled"):
                 self.__dict__.pop(attr, None)
         elif hasattr(compiled, "release_memory"):  # OpenVINO >= 2024.3
             compiled.release_memory()
+
+    @property
+    def slab_count(self) -> int:
+        """How many slabs this stage runs in (1: whole)."""
+        windows = self.__dict__.get("windows")
+        return len(windows) if windows else 1
 
     @property
     def loaded(self) -> bool:
@@ -445,11 +455,10 @@ class OpenVinoStage(Backend):
         check_engine_folder(self.manifest, self.device)
         forced = (self.options.stages or {}).get(self.name)
         how = "forced"
-        slabs = self.options.finest_slabs
-        if slabs > 1 and self.name == estimator_stage(1):  # only OpenVINO runs a stage in slabs here
+        if self.options.slabs_asked and self.name == estimator_stage(1):  # only OpenVINO runs a stage in slabs
             if forced not in (None, "openvino"):
                 raise BackendOptionError(f"--slabs runs {self.name} on OpenVINO; it cannot also be put on {forced}")
-            forced, how = "openvino", f"slabs={slabs}"
+            forced, how = "openvino", "slabs"
         t0 = time.perf_counter()
         if forced is not None:
             self.inner = self._make(forced).__enter__()
@@ -527,6 +536,11 @@ class OpenVinoStage(Backend):
         inner = self.__dict__.get("inner")
         if inner is not None:
             inner.trim()
+
+    @property
+    def slab_count(self) -> int:
+        """How many slabs this stage runs in (1: whole, or on onnxruntime)."""
+        return getattr(self.__dict__.get("inner"), "slab_count", 1)
 
     @property
     def loaded_from_cache(self) -> Optional[bool]:

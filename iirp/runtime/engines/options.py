@@ -32,9 +32,9 @@ __all__ = [
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 #: Most slabs ``--slabs`` takes (past a few, each slab's halo costs more time than the memory saved).
 MAX_SLABS = 16
-#: Slabs of the finest estimator under ``--low-memory`` (engine ``openvino``): at full size ``--low-memory``
-#: took the peak from 2520 to 1436 MiB for 1.1 s, ``--slabs 4`` to 1630 MiB for 0.4 s
-#: (benchmarks/results/cpu_engines.md).
+#: Most slabs of the finest estimator under ``--low-memory`` (engine ``openvino``; fewer on a small grid, see
+#: :func:`iirp.runtime.slabs.affordable_slabs`): at full size ``--low-memory`` took the peak from 2520 to
+#: 1436 MiB for 1.1 s, ``--slabs 4`` to 1630 MiB for 0.4 s (benchmarks/results/cpu_engines.md).
 LOW_MEMORY_SLABS = 8
 #: Backends the ``openvino`` engine may run a stage on.
 STAGE_BACKENDS = ("openvino", "ort")
@@ -81,8 +81,8 @@ class BackendOptions:
             measures once per machine and caches the choice. Stages left out are measured.
         slabs: the ``openvino`` engine runs the finest flow estimator in this many slabs along X
             (:mod:`iirp.runtime.slabs`): the same flow, that stage's working memory cut to about
-            ``1/slabs`` plus its halo, for a little more time. 1 runs it whole (or in
-            :data:`LOW_MEMORY_SLABS` with ``low_memory``).
+            ``1/slabs`` plus its halo, for a little more time. 1 runs it whole (or, with ``low_memory``,
+            in up to :data:`LOW_MEMORY_SLABS`).
         low_memory: less memory for a little time (README, Memory): onnxruntime runs without its
             CPU memory arena; OpenVINO runs the finest estimator in slabs and unloads each stage once
             a pair is done with it. The flows do not change.
@@ -128,15 +128,11 @@ class BackendOptions:
                 )
 
     @property
-    def finest_slabs(self) -> int:
-        """Slabs of the ``openvino`` engine's finest estimator: ``slabs``, or :data:`LOW_MEMORY_SLABS` with
-        ``low_memory`` and no slab count given."""
-        return self.slabs if self.slabs > 1 or not self.low_memory else LOW_MEMORY_SLABS
+    def slabs_asked(self) -> bool:
+        """Whether the ``openvino`` engine's finest estimator may run in slabs: ``slabs`` > 1, or ``low_memory``
+        (then up to :data:`LOW_MEMORY_SLABS`, as many as the grid affords)."""
+        return self.slabs > 1 or self.low_memory
 
-    @property
-    def saves_memory(self) -> bool:
-        """``low_memory``, or slabs asked for: the ``openvino`` engine then also unloads stages after a pair."""
-        return self.low_memory or self.slabs > 1
 
     @property
     def cache_path(self) -> Path:
