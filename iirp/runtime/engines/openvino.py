@@ -241,12 +241,12 @@ class OpenVinoBackend(Backend):
             raise IirpError(f"OpenVINO stage {self.name}: no engine folder to read {self.spec.file} from")
         self.config = config
         self.windows = self._slab_windows(self.folder / self.spec.file)
-        self._compile()
-        self.compile_ms = self.last_compile_ms
+        self.compile_ms = self._compile()
         self.loaded_from_cache = _property(self.compiled, "LOADED_FROM_CACHE", False) is True
 
-    def _compile(self) -> None:
-        """Compile (or load from OpenVINO's cache) the stage, read its precision and ports back."""
+    def _compile(self) -> float:
+        """Compile (or load from OpenVINO's cache) the stage, read its precision and ports back; returns the ms the
+        compile (or load) took."""
         ov = _openvino()
         assert self.folder is not None
         path = self.folder / self.spec.file
@@ -261,7 +261,7 @@ class OpenVinoBackend(Backend):
                 self.compiled = core.compile_model(model, "CPU", self.config)
         except Exception as err:  # OpenVINO raises RuntimeError with a multi-line log
             raise IirpError(f"OpenVINO cannot compile {path}: {str(err).strip().splitlines()[0]}") from err
-        self.last_compile_ms = (time.perf_counter() - t0) * 1e3
+        compile_ms = (time.perf_counter() - t0) * 1e3
         ran = _type_name(_property(self.compiled, "INFERENCE_PRECISION_HINT", "?"))
         if ran != _HINTS[self.precision]:  # e.g. a bf16 hint on a CPU without bf16 compiles f32 silently
             raise OpenVinoPrecisionError(
@@ -273,6 +273,7 @@ class OpenVinoBackend(Backend):
         _check_ports(path, "output", declared["output"], self.compiled.outputs)
         self.output_ports = [(t.name, self.compiled.output(t.name)) for t in self.spec.outputs]
         self.requests: list[tuple[Any, list[weakref.ref]]] = []  # (infer request, leases of its last outputs)
+        return compile_ms
 
     def _slab_windows(self, path: Path) -> Optional[list[SlabWindow]]:
         """The slabs this stage runs in (the finest estimator with ``--slabs N``, or with ``--low-memory`` as many
@@ -294,7 +295,12 @@ class OpenVinoBackend(Backend):
         return tuple(shape)
 
     def _release(self) -> None:
-        for attr in ("requests", "output_ports", "compiled", "windows"):
+        self._unload()
+        self.__dict__.pop("windows", None)
+
+    def _unload(self) -> None:
+        """Drop the compiled model with its requests and ports (:meth:`_compile` builds them again)."""
+        for attr in ("requests", "output_ports", "compiled"):
             self.__dict__.pop(attr, None)
 
     def trim(self) -> None:
@@ -315,8 +321,7 @@ class OpenVinoBackend(Backend):
         if compiled is None:
             return
         if self.options.slabs_asked and self.cache_dir is not None and not requests:
-            for attr in ("requests", "output_ports", "compiled"):
-                self.__dict__.pop(attr, None)
+            self._unload()
         elif hasattr(compiled, "release_memory"):  # OpenVINO >= 2024.3
             compiled.release_memory()
 

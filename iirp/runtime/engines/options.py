@@ -133,7 +133,6 @@ class BackendOptions:
         (then up to :data:`LOW_MEMORY_SLABS`, as many as the grid affords)."""
         return self.slabs > 1 or self.low_memory
 
-
     @property
     def cache_path(self) -> Path:
         """:attr:`cache_dir` as a path (the default when None)."""
