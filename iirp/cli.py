@@ -157,6 +157,9 @@ def run(
     fixed_image, moving_image = fixed, moving
 
     def _go() -> dict:
+        from iirp.runtime.warmup import warm_up_in_background
+
+        warm_up_in_background()  # numba's import and first kernel load, while the images are read on one core
         from iirp.runtime.imageio import REGISTRATION_OUTPUTS, check_output_dir
         from iirp.runtime.register import read_inputs, register_files
 
@@ -185,6 +188,9 @@ def _run_demo(out: Path, engine: str, verbose: bool, as_json: bool) -> None:
     """The built-in example (:func:`iirp.demo.run_demo`): prints what happened."""
 
     def _go() -> dict:
+        from iirp.runtime.warmup import warm_up_in_background
+
+        warm_up_in_background()  # numba's import and first kernel load, while the example is prepared
         from iirp.demo import run_demo
 
         return run_demo(out, engine=engine, progress=True)
