@@ -279,7 +279,8 @@ def render(env: dict, core: dict, processes: dict, acc: dict, note: dict) -> str
         "",
         f"Both directions, {note['rounds']} rounds each, interleaved; median wall seconds of the process (Python start "
         "included) after one untimed first run per engine, whose cost (compiling and caching) is the last column; "
-        "peak RSS is the largest of any run.",
+        "peak RSS is the largest of any run. `read` is wall time: `iirp-run` loads numba and the CPU kernels on a "
+        "background thread meanwhile (README, CPU engines), and the two share Python's interpreter lock.",
         "",
         markdown_table(["engine", "process (s)", "vs ort", "register (s)", "the rest (s)", "peak RSS (MiB)",
                         "first run (s)"], proc_rows),
