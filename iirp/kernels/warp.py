@@ -34,7 +34,7 @@ from iirp.kernels._checks import as_float32, check_ndim, check_out, check_shape
 from iirp.kernels._parallel import parallel_for, work_buffer
 from iirp.kernels._sampling import _NF, _NI, CHUNK, COMPOSE, WARP, _corners, sample_tile
 
-__all__ = ["warp", "compose"]
+__all__ = ["warp", "warp_rows", "compose"]
 
 #: Channels blended together by the channels-last warp: LLVM only enters its vector loop for
 #: 16 or more iterations, so fewer channels are padded with spare lanes (computed, then dropped).
@@ -135,14 +135,16 @@ def _check_size(func: str, spatial: tuple[int, ...]) -> None:
         raise ValueError(f"{func}() volumes of more than {_MAX_VOXELS} voxels are not supported, got {n}")
 
 
-def _sample(src: np.ndarray, flow: np.ndarray, out: np.ndarray, mode: int) -> None:
-    """:func:`sample_tile` over all x slabs: ``out = warp(src, flow)`` (``+ flow`` for :data:`COMPOSE`)."""
+def _sample(src: np.ndarray, flow: np.ndarray, out: np.ndarray, mode: int, x_start: int = 0) -> None:
+    """:func:`sample_tile` over the x slabs ``x_start <= x < x_start + out.shape[1]``: ``out = warp(src, flow)`` (``+
+    flow`` for :data:`COMPOSE`) on those slabs, slab x in ``out[:, x - x_start]``."""
     tables = _identity_tables(flow.shape[1]) + _identity_tables(flow.shape[2])
     dummy = np.zeros((1, 1, 1), np.float32)
     partials = np.zeros((1, 5), np.float64)
     factor = np.float32(1.0)
-    parallel_for(lambda a, b: sample_tile(src, flow, *tables, factor, mode, out, dummy, partials, a, b),
-                 flow.shape[1], out.size)
+    parallel_for(lambda a, b: sample_tile(src, flow, *tables, factor, mode, out, dummy, partials,
+                                          x_start + a, x_start + b, x_start),
+                 out.shape[1], out.size)
 
 
 def _warp_channels_last(src: np.ndarray, flow: np.ndarray, out: np.ndarray) -> None:
@@ -196,6 +198,42 @@ def warp(src: np.ndarray, flow: np.ndarray, *, out: Optional[np.ndarray] = None)
         _warp_channels_last(src4, flow, out4)
     else:
         _sample(src4, flow, out4, WARP)
+    return result
+
+
+def warp_rows(src: np.ndarray, flow: np.ndarray, x_start: int, x_stop: int, *,
+              out: Optional[np.ndarray] = None) -> np.ndarray:
+    """Rows ``x_start <= x < x_stop`` of :func:`warp` ``(src, flow)``, bit for bit, without the rest.
+
+    For a consumer that takes the warped volume a slab at a time (the finest flow estimator run in
+    slabs, :class:`iirp.runtime.slabs.WarpedInput`): no whole warped volume is ever held. Runs
+    :func:`iirp.kernels._sampling.sample_tile` one channel at a time (no channels-last copy of ``src``,
+    which would be as large as the whole result).
+
+    Args:
+        src: ``(C, X, Y, Z)`` volume(s) to sample (``(X, Y, Z)`` is one channel).
+        flow: ``(3, X, Y, Z)`` displacement in voxels of src's grid.
+        x_start, x_stop: the rows, ``0 <= x_start < x_stop <= X``.
+        out: optional C-contiguous float32 ``(C, x_stop - x_start, Y, Z)`` buffer (``(x_stop - x_start, Y, Z)``
+            for a 3-D src), not overlapping the inputs.
+
+    Returns:
+        float32 ``(C, x_stop - x_start, Y, Z)`` (``out`` when given): ``warp(src, flow)[..., x_start:x_stop, :, :]``.
+
+    Raises:
+        TypeError, ValueError: as :func:`warp`, and for rows outside ``[0, X)`` or an empty range.
+    """
+    src = as_float32("warp_rows", "src", src)
+    flow = as_float32("warp_rows", "flow", flow)
+    check_ndim("warp_rows", "src", src, "(X, Y, Z) or (C, X, Y, Z)", (3, 4))
+    spatial = src.shape[-3:]
+    check_shape("warp_rows", "flow", flow, (3, *spatial))
+    if not 0 <= x_start < x_stop <= spatial[0]:
+        raise ValueError(f"warp_rows() needs 0 <= x_start < x_stop <= {spatial[0]}, got {x_start}, {x_stop}")
+    shape = (*src.shape[:-3], x_stop - x_start, *spatial[1:])
+    result = check_out("warp_rows", out, shape, {"src": src, "flow": flow})
+    _check_size("warp_rows", spatial)
+    _sample(src.reshape((-1, *spatial)), flow, result.reshape((-1, *shape[-3:])), WARP, x_start)
     return result
 
 

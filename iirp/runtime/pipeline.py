@@ -33,6 +33,7 @@ from iirp.manifest import Manifest, ModelContract, estimator_stage
 from iirp.runtime.engines import BACKENDS, StageSet
 from iirp.runtime.engines.options import BackendOptionError, BackendOptions
 from iirp.runtime.placement import HOST, Clock, Placement, make_placement
+from iirp.runtime.slabs import WarpedInput
 from iirp.typing import PathLike
 
 __all__ = ["EngineLevelOps", "EngineSolver", "register_arrays_with_engines", "set_kernel_threads"]
@@ -72,16 +73,22 @@ class EngineLevelOps:
         return self.placement.zeros((3, *self.moving_features[level - 1].shape[1:]))
 
     def estimate(self, level: int, flow: Optional[Any]) -> Any:
+        """``du`` of one pass at ``level``: the estimator on the fixed features and the moving ones warped by
+        ``flow``. A stage run in slabs on the host warps them slab by slab itself (:class:`WarpedInput`: the
+        whole warped features, 157 MB at full size, never exist; that warp is then timed with the stage)."""
+        stage = self.stages[estimator_stage(level)]
         moving = self.moving_features[level - 1]
-        if flow is not None:
+        feed: Any = moving[None]
+        if flow is not None and self.placement.is_host and stage.takes_warped_input:
+            feed = WarpedInput(moving, flow)
+        elif flow is not None:
             t0 = self.clock.start()
-            moving = self.kernels.warp(moving, flow)
+            feed = self.kernels.warp(moving, flow)[None]
             if level == 1:  # the finest estimator is the memory peak: free the warp's scratch (157 MB at full size)
                 _release_scratch(self.placement)
             self.clock.stop("kernels", t0)
         t0 = self.clock.start()
-        stage = self.stages[estimator_stage(level)]
-        du = stage.infer({"moving_features": moving[None], "fixed_features": self.fixed_features[level - 1][None]})
+        du = stage.infer({"moving_features": feed, "fixed_features": self.fixed_features[level - 1][None]})
         self.clock.stop(f"estimator_{level}", t0)
         du = du["flow"][0]
         # a stage that reuses its output buffers overwrites du on its next call; keep a copy where du is the flow

@@ -15,6 +15,9 @@ with stride 1 and "same" padding, point-wise operations, channel concatenation);
 is a :class:`SlabError`.
 
 Arrays are ``(N, C, X, Y, Z)`` (:mod:`iirp.runtime.geometry`); slabs cut axis 2 (X).
+
+An input may also be a :class:`WarpedInput`: the warped moving features, computed slab by slab
+(:func:`iirp.kernels.warp.warp_rows`) instead of being held whole (157 MB at full size).
 """
 
 from __future__ import annotations
@@ -22,14 +25,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
 from iirp.errors import IirpError
 from iirp.typing import PathLike
 
-__all__ = ["SLAB_AXIS", "SlabError", "SlabWindow", "affordable_slabs", "slab_windows", "stage_halo", "run_in_slabs"]
+__all__ = ["SLAB_AXIS", "SlabError", "SlabWindow", "WarpedInput", "affordable_slabs", "slab_windows", "stage_halo",
+           "run_in_slabs"]
 
 #: The array axis slabs cut: X of ``(N, C, X, Y, Z)``.
 SLAB_AXIS = 2
@@ -148,9 +152,42 @@ def _conv_reach(name: str, attrs: dict, weight_dims: tuple | None, path: Path) -
     return reach
 
 
+class WarpedInput:
+    """A stage input that is ``warp(src, flow)`` with a batch axis, ``(1, C, X, Y, Z)`` float32, not yet computed.
+
+    :func:`run_in_slabs` fills each slab's buffer with :func:`iirp.kernels.warp.warp_rows` (the same values,
+    bit for bit, as slicing the whole warp), so the whole warped volume never exists; any other consumer
+    takes :meth:`whole`. Host arrays only.
+
+    Args:
+        src: ``(C, X, Y, Z)`` float32 volume(s) to warp.
+        flow: ``(3, X, Y, Z)`` float32 displacement in voxels of src's grid.
+    """
+
+    dtype = np.dtype(np.float32)
+    ndim = 5
+
+    def __init__(self, src: np.ndarray, flow: np.ndarray) -> None:
+        self.src = src
+        self.flow = flow
+        self.shape = (1, *src.shape)
+
+    def fill(self, dst: np.ndarray, start: int, stop: int) -> None:
+        """Write rows ``start <= x < stop`` of the warp into ``dst`` ``(1, C, stop - start, Y, Z)`` (C-contiguous)."""
+        from iirp.kernels.warp import warp_rows
+
+        warp_rows(self.src, self.flow, start, stop, out=dst[0])
+
+    def whole(self) -> np.ndarray:
+        """The whole ``(1, C, X, Y, Z)`` warp (what a stage that does not run in slabs gets)."""
+        from iirp.kernels import warp
+
+        return warp(self.src, self.flow)[None]
+
+
 def run_in_slabs(
     infer: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
-    feeds: dict[str, np.ndarray],
+    feeds: Mapping[str, np.ndarray | WarpedInput],
     windows: Sequence[SlabWindow],
     out_shapes: dict[str, tuple[int, ...]],
 ) -> dict[str, np.ndarray]:
@@ -159,7 +196,7 @@ def run_in_slabs(
     Args:
         infer: the stage built for the slab shape: ``{name: (N, C, L, Y, Z)}`` -> ``{name: (N, C', L, Y, Z)}``,
             ``L`` the windows' length. Its outputs are read before the next call.
-        feeds: whole ``(N, C, X, Y, Z)`` float32 inputs (host arrays).
+        feeds: whole ``(N, C, X, Y, Z)`` float32 inputs (host arrays, or :class:`WarpedInput`, warped per slab).
         windows: from :func:`slab_windows` over X.
         out_shapes: whole output shapes by name.
 
@@ -172,7 +209,10 @@ def run_in_slabs(
                   for name, a in feeds.items()}  # one buffer per input, refilled for each slab
     for window in windows:
         for name, array in feeds.items():
-            np.copyto(slab_feeds[name], array[:, :, window.start:window.stop])
+            if isinstance(array, WarpedInput):
+                array.fill(slab_feeds[name], window.start, window.stop)
+            else:
+                np.copyto(slab_feeds[name], array[:, :, window.start:window.stop])
         result = infer(slab_feeds)
         for name, out in outputs.items():
             out[:, :, window.keep_start:window.keep_stop] = result[name][:, :, window.keep_in_slab]

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from iirp.kernels import compose, warp
+from iirp.kernels.warp import warp_rows
 
 #: vs a float64 grid_sample on the same float32 inputs: float32 blending only.
 F64_ATOL = 2e-6
@@ -214,3 +217,39 @@ def test_compose_argument_errors() -> None:
         compose(phi[0], phi[0])
     with pytest.raises(ValueError, match=r"compose\(\) 'out' must not overlap 'phi'"):
         compose(phi, phi.copy(), out=phi)
+
+
+@settings(max_examples=40, deadline=None)
+@given(channels=st.sampled_from([1, 3, 8, 16]), start=st.integers(0, 12), length=st.integers(1, 13),
+       scale=st.sampled_from([0.5, 3.0, 20.0]), seed=st.integers(0, 2**16))
+def test_warp_rows_are_the_rows_of_warp_bit_for_bit(channels: int, start: int, length: int, scale: float,
+                                                    seed: int) -> None:
+    """Any row range, channel count (both warp paths) and flow size, inside and far outside the volume."""
+    rng = np.random.default_rng(seed)
+    shape = (13, 7, 5)
+    stop = min(shape[0], start + length)
+    src, flow = _rand(rng, (channels, *shape)), _rand(rng, (3, *shape), scale)
+    got = warp_rows(src, flow, start, stop)
+    assert got.shape == (channels, stop - start, *shape[1:]) and got.dtype == np.float32
+    np.testing.assert_array_equal(got, warp(src, flow)[:, start:stop])
+
+
+def test_warp_rows_of_one_volume_and_into_out(rng: np.random.Generator) -> None:
+    src, flow = _rand(rng, (9, 6, 4)), _rand(rng, (3, 9, 6, 4), 2.0)
+    np.testing.assert_array_equal(warp_rows(src, flow, 2, 5), warp(src, flow)[2:5])
+    out = np.full((3, 6, 4), np.nan, np.float32)
+    assert warp_rows(src, flow, 6, 9, out=out) is out
+    np.testing.assert_array_equal(out, warp(src, flow)[6:9])
+
+
+@pytest.mark.parametrize(("start", "stop"), [(-1, 3), (3, 3), (4, 2), (0, 10)])
+def test_warp_rows_refuses_rows_outside_the_volume(rng: np.random.Generator, start: int, stop: int) -> None:
+    src, flow = _rand(rng, (2, 9, 6, 4)), _rand(rng, (3, 9, 6, 4))
+    with pytest.raises(ValueError, match="warp_rows\\(\\) needs 0 <= x_start < x_stop <= 9"):
+        warp_rows(src, flow, start, stop)
+
+
+def test_warp_rows_checks_out(rng: np.random.Generator) -> None:
+    src, flow = _rand(rng, (2, 9, 6, 4)), _rand(rng, (3, 9, 6, 4))
+    with pytest.raises(ValueError, match="'out' must be a C-contiguous float32 numpy array of shape"):
+        warp_rows(src, flow, 0, 3, out=np.empty((2, 9, 6, 4), np.float32))

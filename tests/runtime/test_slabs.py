@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from support import tiny_export
 
-from iirp.runtime.slabs import SlabError, SlabWindow, run_in_slabs, slab_windows, stage_halo
+from iirp.runtime.slabs import SlabError, SlabWindow, WarpedInput, run_in_slabs, slab_windows, stage_halo
 
 #: Slabbed vs whole OpenVINO flows (voxels). The slab keeps the same inputs for every voxel, but OpenVINO may pick
 #: another convolution kernel (another summation order) for the slab's shape: float32 rounding, 4e-7 seen at 32^3
@@ -82,6 +82,23 @@ def test_slab_loop_equals_the_whole_run(slabs: int) -> None:
     np.testing.assert_array_equal(got, whole)
     short = run_in_slabs(chain, feeds, slab_windows(24, slabs, halo=2), {"out": whole.shape})["out"]
     assert not np.array_equal(short, whole)  # one voxel of halo short: the cut faces' padding leaks in
+
+
+@pytest.mark.parametrize("slabs", [2, 3, 5])
+def test_a_warped_input_is_warped_per_slab_as_the_whole_warp(slabs: int) -> None:
+    from iirp.kernels import warp
+
+    rng = np.random.default_rng(2)
+    src = rng.random((2, 24, 6, 5), dtype=np.float32)
+    flow = ((rng.random((3, 24, 6, 5), dtype=np.float32) - 0.5) * 6).astype(np.float32)
+    other = rng.random((1, 2, 24, 6, 5), dtype=np.float32)
+    chain = _conv_chain(layers=3)
+    whole = chain({"a": warp(src, flow)[None], "b": other})["out"]
+    deferred = WarpedInput(src, flow)
+    assert deferred.shape == (1, 2, 24, 6, 5) and deferred.dtype == np.float32
+    got = run_in_slabs(chain, {"a": deferred, "b": other}, slab_windows(24, slabs, halo=3), {"out": whole.shape})
+    np.testing.assert_array_equal(got["out"], whole)
+    np.testing.assert_array_equal(deferred.whole(), warp(src, flow)[None])
 
 
 def test_keep_in_slab() -> None:
@@ -302,3 +319,55 @@ def test_low_memory_option_errors(exported, private_cache, tmp_path: Path) -> No
     import json
 
     assert json.loads((out / "report.json").read_text())["low_memory"] is True
+
+
+def test_a_stage_in_slabs_never_holds_the_whole_warped_features(exported, private_cache,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The finest estimator in slabs warps its moving features slab by slab (WarpedInput); whole, it gets them warped
+    by the kernel set; another backend given a WarpedInput gets the whole warp."""
+    pytest.importorskip("openvino")
+    import iirp.kernels
+    from iirp.iterstop import parse_iterstop
+    from iirp.runtime.engines import BackendOptions
+    from iirp.runtime.imageio import read_image
+    from iirp.runtime.pipeline import EngineSolver
+    from iirp.runtime.register import RegistrationOptions, prepare_pair
+
+    data, folder = exported
+    rule = parse_iterstop("fixed:1,1,1,2")
+    whole_warps: list[tuple[int, ...]] = []
+    fills: list[tuple[int, int]] = []
+    real_warp, real_fill = iirp.kernels.warp, WarpedInput.fill
+
+    def counting_warp(src, flow, **kwargs):  # type: ignore[no-untyped-def]
+        whole_warps.append(src.shape)
+        return real_warp(src, flow, **kwargs)
+
+    def counting_fill(self, dst, start, stop):  # type: ignore[no-untyped-def]
+        fills.append((start, stop))
+        return real_fill(self, dst, start, stop)
+
+    monkeypatch.setattr(iirp.kernels, "warp", counting_warp)
+    monkeypatch.setattr(WarpedInput, "fill", counting_fill)
+    solvers = {n: EngineSolver(folder, "openvino", options=BackendOptions(precision="fp32", slabs=n)) for n in (1, 2)}
+    prepared = prepare_pair(read_image(data["fixed"], "fixed"), read_image(data["moving"], "moving"),
+                            solvers[1].model_size, RegistrationOptions())
+    finest = (8, *solvers[1].model_size)  # the level-1 moving features
+    traces = {}
+    for n, solver in solvers.items():
+        whole_warps.clear()
+        fills.clear()
+        traces[n] = solver.solve(prepared.moving, prepared.fixed, rule)
+        assert whole_warps.count(finest) == (2 if n == 1 else 0), n
+        assert len(fills) == (0 if n == 1 else 2 * 2), n  # two passes at level 1, two slabs each
+    np.testing.assert_allclose(traces[2].flow, traces[1].flow, rtol=0, atol=SLAB_FLOW_ATOL_VOXELS)
+
+    from iirp.runtime.engines.ort import OrtBackend
+
+    moving, fixed = (np.random.default_rng(3).random((8, *solvers[1].model_size), dtype=np.float32) for _ in "ab")
+    flow = np.zeros((3, *solvers[1].model_size), np.float32)
+    with OrtBackend("flow_estimator_1", solvers[1].manifest, folder) as stage:
+        assert not stage.takes_warped_input
+        got = stage.infer({"moving_features": WarpedInput(moving, flow), "fixed_features": fixed[None]})
+        want = stage.infer({"moving_features": moving[None], "fixed_features": fixed[None]})
+    np.testing.assert_array_equal(got["flow"], want["flow"])  # a zero flow's warp is the features themselves

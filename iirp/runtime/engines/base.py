@@ -30,6 +30,7 @@ from iirp.errors import IirpError
 from iirp.manifest import STAGES, Manifest, StageSpec
 from iirp.runtime.engines.options import BackendOptions
 from iirp.runtime.placement import HOST, Placement, make_placement
+from iirp.runtime.slabs import WarpedInput
 
 __all__ = ["Backend", "BackendFactory", "StageSet", "BACKENDS", "register_backend", "output_shapes"]
 
@@ -55,6 +56,12 @@ class Backend(ABC):
     device_kinds: tuple[str, ...] = ("cpu",)
     #: whether outputs live in buffers that the next call of this stage overwrites
     reuses_outputs = False
+
+    @property
+    def takes_warped_input(self) -> bool:
+        """Whether :meth:`infer` computes a :class:`~iirp.runtime.slabs.WarpedInput` slab by slab (a stage run
+        in slabs); any other backend gets the whole warp."""
+        return False
 
     def __init__(
         self, name: str, manifest: Manifest, folder: Optional[Path], placement: Union[Placement, str] = HOST,
@@ -96,7 +103,9 @@ class Backend(ABC):
     def infer(self, feeds: dict[str, Any]) -> dict[str, Any]:
         """Run the stage on float32 arrays of this backend's placement; returns arrays of the same placement.
 
-        Host inputs of another layout are made C-contiguous (a copy); device inputs must already be.
+        Host inputs of another layout are made C-contiguous (a copy); device inputs must already be. A
+        :class:`~iirp.runtime.slabs.WarpedInput` is computed slab by slab where :attr:`takes_warped_input`,
+        else whole first.
 
         Raises:
             RuntimeError: the backend is not active (use it as a context manager).
@@ -119,8 +128,10 @@ class Backend(ABC):
                 )
             if not self.placement.is_host and not array.flags.c_contiguous:
                 raise ValueError(f"{self.name}.infer() '{tensor.name}' must be C-contiguous on the device")
+        if any(isinstance(v, WarpedInput) for v in feeds.values()) and not self.takes_warped_input:
+            feeds = {k: v.whole() if isinstance(v, WarpedInput) else v for k, v in feeds.items()}
         if self.placement.is_host:
-            feeds = {k: np.ascontiguousarray(v) for k, v in feeds.items()}
+            feeds = {k: v if isinstance(v, WarpedInput) else np.ascontiguousarray(v) for k, v in feeds.items()}
         return self._infer(feeds)
 
     def trim(self) -> None:  # noqa: B027 - a no-op unless the backend keeps memory

@@ -332,6 +332,11 @@ class OpenVinoBackend(Backend):
         return len(windows) if windows else 1
 
     @property
+    def takes_warped_input(self) -> bool:
+        """A stage run in slabs warps its moving features slab by slab (:class:`~iirp.runtime.slabs.WarpedInput`)."""
+        return bool(self.__dict__.get("windows"))
+
+    @property
     def loaded(self) -> bool:
         """Whether the compiled model is in memory (see :meth:`trim`)."""
         return "compiled" in self.__dict__
@@ -546,6 +551,10 @@ class OpenVinoStage(Backend):
     def slab_count(self) -> int:
         """How many slabs this stage runs in (1: whole, or on onnxruntime)."""
         return getattr(self.__dict__.get("inner"), "slab_count", 1)
+
+    @property
+    def takes_warped_input(self) -> bool:
+        return bool(getattr(self.__dict__.get("inner"), "takes_warped_input", False))
 
     @property
     def loaded_from_cache(self) -> Optional[bool]:
