@@ -145,7 +145,7 @@ def _gather(flat, base, ib, g, n):  # pragma: no cover - compiled
 
 @njit(nogil=True, cache=True, fastmath=False)
 def sample_tile(src, planes, xi0, xi1, xw0, xw1, yi0, yi1, yw0, yw1, factor, mode, out, fixed, partials,
-                x_start, x_stop, x_out=0):  # pragma: no cover - compiled
+                x_start, x_stop, x_out):  # pragma: no cover - compiled
     """Sample ``src`` at ``p = (x, y, z) + factor * u(p)`` for the slabs ``x_start <= x < x_stop``.
 
     Args:
@@ -160,7 +160,8 @@ def sample_tile(src, planes, xi0, xi1, xw0, xw1, yi0, yi1, yw0, yw1, factor, mod
             corner inside) or :data:`SCORE`.
         out: ``(C, X, Y, Z)`` float32 output for warp and compose (unused for the score); slab x is written
             at ``out[:, x - x_out]``, so with ``x_out = x_start`` an output of ``x_stop - x_start`` rows takes
-            just these slabs.
+            just these slabs (``x_out`` is 0 for a whole output; the score passes 0 too, so that one compiled
+            overload serves every caller).
         fixed: ``(X, Y, Z)`` float32 fixed image for the score (unused otherwise).
         partials: ``(X, 5)`` float64 for the score: row x gets the sums over slab x
             of a, b, a*a, b*b, a*b (a = sample, b = fixed), a-terms only where the

@@ -95,7 +95,7 @@ def _fused_sums(moving: np.ndarray, fixed: np.ndarray, flow: np.ndarray, factor:
     partials = np.zeros((moving.shape[0], 5), dtype=np.float64)
     src = moving[None]
     scale = np.float32(factor)  # the blended flow is scaled with its grid inside the kernel
-    parallel_for(lambda a, b: sample_tile(src, planes, *tx, *ty, scale, SCORE, src, fixed, partials, a, b),
+    parallel_for(lambda a, b: sample_tile(src, planes, *tx, *ty, scale, SCORE, src, fixed, partials, a, b, 0),
                  moving.shape[0], moving.size)
     return partials
 

@@ -128,7 +128,7 @@ def test_work_split_does_not_change_results(rng: np.random.Generator, cuts: tupl
             if channels < _warp._CL_MIN_CHANNELS:
                 tables = _warp._identity_tables(shape[0]) + _warp._identity_tables(shape[1])
                 _sampling.sample_tile(src, flow, *tables, np.float32(1), _sampling.WARP, out, src[0],
-                                      np.zeros((1, 5)), a, b)
+                                      np.zeros((1, 5)), a, b, 0)
             else:
                 _warp._warp_cl_tile(cl, flow, out, a, b)
         assert_same_bits(out, before.warp(src, flow))
@@ -139,7 +139,7 @@ def test_work_split_does_not_change_results(rng: np.random.Generator, cuts: tupl
     bounds[-1] = 12
     for a, b in zip(bounds[:-1], bounds[1:]):
         _sampling.sample_tile(moving[None], planes, *tx, *ty, np.float32(2), _sampling.SCORE, moving[None], fixed,
-                              partials, a, b)
+                              partials, a, b, 0)
     np.testing.assert_array_equal(partials, _score._fused_sums(moving, fixed, coarse, 2))
 
 
