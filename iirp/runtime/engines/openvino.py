@@ -22,8 +22,8 @@ one warm-up and up to three interleaved timed runs each on a random input of the
 fewer for a slow stage with a clear winner; the minima are compared), stored in
 ``<cache>/stage_backends.json`` keyed by the stage file's sha256, precision, threads, CPU,
 library versions and the rule (:data:`CHOICE_RULE`), and reused; ``BackendOptions.stages`` forces it.
-Why: OpenVINO's flow estimators ran 1.6-2.0x faster than onnxruntime here (2x on the Intel machine of the issue),
-while its feature extractor was slower (see README, "OpenVINO engine"). Both backends were
+Why: OpenVINO's flow estimators ran 1.2-2.0x faster than onnxruntime here (from run to run; 2x on the Intel
+machine of the issue), while its feature extractor was slower (see README, "OpenVINO engine"). Both backends were
 verified against PyTorch (onnxruntime by ``iirp-export``, OpenVINO fp32 by the tests; bf16 by the
 gate), so the choice is between verified backends.
 

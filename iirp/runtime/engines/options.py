@@ -33,8 +33,8 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 #: Most slabs ``--slabs`` takes (past a few, each slab's halo costs more time than the memory saved).
 MAX_SLABS = 16
 #: Most slabs of the finest estimator under ``--low-memory`` (engine ``openvino``; fewer on a small grid, see
-#: :func:`iirp.runtime.slabs.affordable_slabs`): at full size ``--low-memory`` took the peak from 2524 to
-#: 1438 MiB for 1.3 s, ``--slabs 4`` to 1633 MiB for 0.9 s (benchmarks/results/cpu_engines.md).
+#: :func:`iirp.runtime.slabs.affordable_slabs`): at full size ``--low-memory`` took the peak from 2523 to
+#: 1374 MiB for 1.3 s, ``--slabs 4`` to 1576 MiB for 0.9 s (benchmarks/results/cpu_engines.md).
 LOW_MEMORY_SLABS = 8
 #: Backends the ``openvino`` engine may run a stage on.
 STAGE_BACKENDS = ("openvino", "ort")
