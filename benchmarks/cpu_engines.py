@@ -190,10 +190,14 @@ def _pair_args(brain: Path, fixed: str, moving: str) -> list[str]:
             "--moving-seg", str(brain / f"LPBA40_{moving}_seg.nii.gz")]
 
 
+def _field_difference(run: dict, other: dict) -> np.ndarray:
+    """``run``'s displacement field minus ``other``'s, ``(Z, Y, X, 3)`` float64 mm (= voxels here)."""
+    return _field(Path(run["folder"]) / "displacement.nii.gz") - _field(Path(other["folder"]) / "displacement.nii.gz")
+
+
 def _flow_max_diff(run: dict, other: dict) -> float:
     """Largest |difference| of two runs' displacement fields (any component, mm)."""
-    return float(np.abs(_field(Path(run["folder"]) / "displacement.nii.gz")
-                        - _field(Path(other["folder"]) / "displacement.nii.gz")).max())
+    return float(np.abs(_field_difference(run, other)).max())
 
 
 def accuracy(processes: dict[str, dict], brain: Path, reference: str) -> dict[str, dict]:
@@ -205,8 +209,7 @@ def accuracy(processes: dict[str, dict], brain: Path, reference: str) -> dict[st
             fixed, moving = direction.split("<-")
             run = runs[-1]
             ref = processes[reference]["runs"][direction][-1]
-            diff = np.linalg.norm(_field(Path(run["folder"]) / "displacement.nii.gz")
-                                  - _field(Path(ref["folder"]) / "displacement.nii.gz"), axis=-1)  # mm = voxels
+            diff = np.linalg.norm(_field_difference(run, ref), axis=-1)  # mm = voxels
             brain_mask = sitk.GetArrayFromImage(sitk.ReadImage(str(brain / f"LPBA40_{fixed}_vol.nii.gz"))) > 0.1
             inside = diff[brain_mask]
             result[name][direction] = {

@@ -285,7 +285,7 @@ class OpenVinoBackend(Backend):
         if slabs == 1:
             return None
         windows = slab_windows(extent, slabs, halo)
-        return windows if len(windows) > 1 and windows[0].stop - windows[0].start < self.manifest.size[0] else None
+        return windows if len(windows) > 1 and windows[0].stop - windows[0].start < extent else None
 
     def _slab_shape(self, tensor: Any) -> tuple[int, ...]:
         """A whole tensor's shape with X cut to the slab length."""
@@ -334,7 +334,7 @@ class OpenVinoBackend(Backend):
     @property
     def takes_warped_input(self) -> bool:
         """A stage run in slabs warps its moving features slab by slab (:class:`~iirp.runtime.slabs.WarpedInput`)."""
-        return bool(self.__dict__.get("windows"))
+        return self.slab_count > 1
 
     @property
     def loaded(self) -> bool:
@@ -554,7 +554,7 @@ class OpenVinoStage(Backend):
 
     @property
     def takes_warped_input(self) -> bool:
-        return bool(getattr(self.__dict__.get("inner"), "takes_warped_input", False))
+        return self.slab_count > 1  # only OpenVINO runs a stage in slabs
 
     @property
     def loaded_from_cache(self) -> Optional[bool]:
